@@ -1,0 +1,1 @@
+"""Data sets: procedural ``shapes`` renders, scikit-learn ``digits``, and image folders."""

@@ -1,0 +1,77 @@
+"""The one score-model interface that SDS, VSD and SSD consume (docs/ARCHITECTURE.md).
+
+A ``ScoreModel`` hides whether the prior is Stable Diffusion (latent space, discrete time) or an
+LCSS prior (pixel space, continuous time). Everything else in the project -- the guidance, the
+2-D playground, the benchmarks -- talks to this interface only.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+def classifier_free_guidance(
+    eps_cond: Float[Tensor, "B ..."], eps_uncond: Float[Tensor, "B ..."], scale: float
+) -> Float[Tensor, "B ..."]:
+    """``eps = eps_u + s * (eps_c - eps_u)``; ``s = 1`` is the conditional model, ``s = 0`` the
+    unconditional one. (threestudio's guidances write ``eps_c + s' (eps_c - eps_u)``: ``s = s' + 1``.)"""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def sds_weight(alpha: Float[Tensor, "B"], sigma: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+    """threestudio's ``sds`` weighting ``w(t) = sigma^2 / (alpha^2 + sigma^2)`` (``1 - alpha_bar``
+    for a variance-preserving process)."""
+    return sigma**2 / (alpha**2 + sigma**2)
+
+
+class ScoreModel(nn.Module, abc.ABC):
+    """A frozen, conditional noise predictor with its forward process
+    ``x_t = alpha(t) x0 + sigma(t) eps`` and the map between rendered RGB and model space.
+
+    ``t`` is always a float tensor ``[B]`` in ``[0, 1]``.
+    """
+
+    space: str  # "latent" or "pixel"
+    channels: int
+    resolution: tuple[int, int]  # model-space (H, W)
+
+    @abc.abstractmethod
+    def alpha(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+        """Signal coefficient of the forward process at ``t``."""
+
+    @abc.abstractmethod
+    def sigma(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+        """Noise standard deviation of the forward process at ``t``."""
+
+    @abc.abstractmethod
+    def encode(self, rgb: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """RGB in ``[0, 1]`` (any size) to model space ``x0``; differentiable."""
+
+    @abc.abstractmethod
+    def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
+        """Model space to RGB in ``[0, 1]``; differentiable (the bridge to depth estimators)."""
+
+    @abc.abstractmethod
+    def eps(
+        self, x_t: Float[Tensor, "B C h w"], t: Float[Tensor, "B"], cond: Any, guidance_scale: float
+    ) -> Float[Tensor, "B C h w"]:
+        """Classifier-free-guided noise prediction, without gradient."""
+
+    def add_noise(
+        self, x0: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"], t: Float[Tensor, "B"]
+    ) -> Float[Tensor, "B C h w"]:
+        """``x_t = alpha(t) x0 + sigma(t) eps``."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return self.alpha(t).view(shape) * x0 + self.sigma(t).view(shape) * eps
+
+    def weight(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+        """The ``sds`` weighting at ``t``."""
+        return sds_weight(self.alpha(t), self.sigma(t))
+
+    def train(self, mode: bool = True) -> ScoreModel:  # frozen: always eval
+        return super().train(False)
+
