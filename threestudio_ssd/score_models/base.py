@@ -13,16 +13,10 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor, nn
 
-
-def classifier_free_guidance(
-    eps_cond: Float[Tensor, "B ..."], eps_uncond: Float[Tensor, "B ..."], scale: float
-) -> Float[Tensor, "B ..."]:
-    """``eps = eps_u + s * (eps_c - eps_u)``; ``s = 1`` is the conditional model, ``s = 0`` the
-    unconditional one. (threestudio's guidances write ``eps_c + s' (eps_c - eps_u)``: ``s = s' + 1``.)"""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+from lcss_prior.guidance import classifier_free_guidance  # noqa: F401  (re-exported)
 
 
-def sds_weight(alpha: Float[Tensor, "B"], sigma: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+def sds_weight(alpha: Float[Tensor, " B"], sigma: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
     """threestudio's ``sds`` weighting ``w(t) = sigma^2 / (alpha^2 + sigma^2)`` (``1 - alpha_bar``
     for a variance-preserving process)."""
     return sigma**2 / (alpha**2 + sigma**2)
@@ -40,11 +34,11 @@ class ScoreModel(nn.Module, abc.ABC):
     resolution: tuple[int, int]  # model-space (H, W)
 
     @abc.abstractmethod
-    def alpha(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+    def alpha(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         """Signal coefficient of the forward process at ``t``."""
 
     @abc.abstractmethod
-    def sigma(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+    def sigma(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         """Noise standard deviation of the forward process at ``t``."""
 
     @abc.abstractmethod
@@ -57,18 +51,18 @@ class ScoreModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def eps(
-        self, x_t: Float[Tensor, "B C h w"], t: Float[Tensor, "B"], cond: Any, guidance_scale: float
+        self, x_t: Float[Tensor, "B C h w"], t: Float[Tensor, " B"], cond: Any, guidance_scale: float
     ) -> Float[Tensor, "B C h w"]:
         """Classifier-free-guided noise prediction, without gradient."""
 
     def add_noise(
-        self, x0: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"], t: Float[Tensor, "B"]
+        self, x0: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"], t: Float[Tensor, " B"]
     ) -> Float[Tensor, "B C h w"]:
         """``x_t = alpha(t) x0 + sigma(t) eps``."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return self.alpha(t).view(shape) * x0 + self.sigma(t).view(shape) * eps
 
-    def weight(self, t: Float[Tensor, "B"]) -> Float[Tensor, "B"]:
+    def weight(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         """The ``sds`` weighting at ``t``."""
         return sds_weight(self.alpha(t), self.sigma(t))
 
