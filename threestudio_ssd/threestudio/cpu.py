@@ -28,7 +28,11 @@ import types
 _CUDA_ONLY = (
     ("tinycudann", "hash-grid encodings and fused MLPs", "build it from NVlabs/tiny-cuda-nn (CUDA)"),
     ("nvdiffrast", "the mesh rasterizer (nvdiff-rasterizer, DMTet stages)", "build NVlabs/nvdiffrast (CUDA)"),
-    ("nvdiffrast.torch", "the mesh rasterizer (nvdiff-rasterizer, DMTet stages)", "build NVlabs/nvdiffrast (CUDA)"),
+    (
+        "nvdiffrast.torch",
+        "the mesh rasterizer (nvdiff-rasterizer, DMTet stages)",
+        "build NVlabs/nvdiffrast (CUDA)",
+    ),
     ("envlight", "environment lighting for the pbr-material", "pip install --no-deps envlight==0.1.0"),
     ("controlnet_aux", "ControlNet edge/normal detectors", "pip install controlnet_aux"),
 )

@@ -106,9 +106,7 @@ class DenseVolumeRenderer(VolumeRenderer):
     ) -> None:
         super().configure(geometry, material, background)
         if self.cfg.num_samples_per_ray < 1:
-            raise ValueError(
-                f"renderer.num_samples_per_ray must be >= 1, got {self.cfg.num_samples_per_ray}"
-            )
+            raise ValueError(f"renderer.num_samples_per_ray must be >= 1, got {self.cfg.num_samples_per_ray}")
         self.is_sdf = hasattr(geometry, "forward_sdf")
         if self.is_sdf:
             self.variance = LearnedInverseStd(self.cfg.learned_variance_init)
@@ -223,7 +221,9 @@ class DenseVolumeRenderer(VolumeRenderer):
             "z_variance": image(z_variance),
         }
         if "normal" in geo_out and (not self.training or self.cfg.return_comp_normal):
-            normal = nerfacc.accumulate_along_rays(weights, values=geo_out["normal"].reshape(n_rays, n_samples, 3))
+            normal = nerfacc.accumulate_along_rays(
+                weights, values=geo_out["normal"].reshape(n_rays, n_samples, 3)
+            )
             out["comp_normal"] = image((F.normalize(normal, dim=-1) + 1.0) / 2.0 * opacity)
         if self.training:
             ray_indices = torch.arange(n_rays, device=rays_o.device)[:, None].expand(-1, n_samples)

@@ -1,0 +1,218 @@
+"""``steindreamer-system``: text-to-3D with Stein Score Distillation.
+
+threestudio's systems hand the guidance only the rendered RGB; SSD's baselines also need what the
+renderer knows about the scene (depth, opacity, normals, the camera). This system renders, hands
+all of it to the guidance, and adds threestudio's usual regularisers. Stages follow
+ProlificDreamer's:
+
+* ``coarse``: a volume (``implicit-volume`` NeRF, ``implicit-sdf`` NeuS, or the Gaussian-splatting
+  extension); orient, sparsity, opaque, z-variance and eikonal regularisers.
+* ``geometry``: a mesh (``tetrahedra-sdf-grid`` + ``nvdiff-rasterizer``) distilled through its
+  normal map; normal-consistency and Laplacian regularisers. The rasterizer renders no depth, so
+  use the ``normal`` and/or ``constant`` baselines in this stage (a ``depth`` baseline raises).
+* ``texture``: the mesh fixed, its texture distilled through the RGB render.
+
+Renderer keys read: ``comp_rgb``, ``opacity`` (or the Gaussian-splatting extension's
+``comp_mask``), ``depth`` (or ``comp_depth``), ``comp_normal``; ``c2w`` comes from the batch.
+Every scalar the guidance returns is logged as ``train/<name>``; each ``loss_<x>`` it returns is
+weighted by ``system.loss.lambda_<x>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import threestudio
+import torch
+from threestudio.systems.base import BaseLift3DSystem
+from threestudio.utils.ops import binary_cross_entropy, dot
+from torch import Tensor
+
+from threestudio_ssd.threestudio.registry import register
+
+STAGES = ("coarse", "geometry", "texture")
+
+
+def render_geometry_for_guidance(out: dict[str, Any]) -> dict[str, Tensor | None]:
+    """The renderer's ``depth``, ``opacity`` and ``comp_normal`` (``[B, H, W, 1|3]``, threestudio's
+    encodings, ``None`` where the renderer has none), read under the volume renderers' names or the
+    Gaussian-splatting extension's (``comp_depth``, ``comp_mask``). The guidance decodes them
+    (``threestudio_ssd.baselines.RenderOutputs.from_threestudio``)."""
+    depth = out["depth"] if "depth" in out else out.get("comp_depth")
+    opacity = out["opacity"] if "opacity" in out else out.get("comp_mask")
+    return {"depth": depth, "opacity": opacity, "comp_normal": out.get("comp_normal")}
+
+
+@register("steindreamer-system")
+class SteinDreamer(BaseLift3DSystem):
+    """Renders, distills with the configured guidance (SSD, or SDS for ablations), regularises."""
+
+    @dataclass
+    class Config(BaseLift3DSystem.Config):
+        # in ["coarse", "geometry", "texture"], as in prolificdreamer-system
+        stage: str = "coarse"
+
+    cfg: Config
+
+    def configure(self) -> None:
+        if self.cfg.stage not in STAGES:
+            raise ValueError(f"system.stage={self.cfg.stage!r} is not one of {list(STAGES)}")
+        super().configure()  # geometry, material, background, renderer
+        # built here, not in on_fit_start, so that the guidance's learnable control-variate
+        # weights exist when Lightning calls configure_optimizers (ProlificDreamer's pattern)
+        self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
+        self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
+        self.prompt_utils = self.prompt_processor()
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if hasattr(self.renderer, "batch_forward"):  # the Gaussian-splatting extension's renderers
+            return self.renderer.batch_forward(batch)
+        if self.cfg.stage == "geometry":
+            return self.renderer(**batch, render_rgb=False)
+        return self.renderer(**batch)
+
+    def _lambda(self, name: str) -> float:
+        """``system.loss.lambda_<name>`` at this step (0 when not configured)."""
+        key = f"lambda_{name}"
+        return self.C(self.cfg.loss[key]) if key in self.cfg.loss else 0.0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        out = self(batch)
+        guidance_inp = out["comp_normal"] if self.cfg.stage == "geometry" else out["comp_rgb"]
+        guidance_out = self.guidance(
+            guidance_inp,
+            self.prompt_utils,
+            **{**batch, **render_geometry_for_guidance(out)},
+            rgb_as_latents=False,
+        )
+
+        loss = 0.0
+        for name, value in guidance_out.items():
+            if not (isinstance(value, Tensor) and value.numel() > 1):
+                self.log(f"train/{name}", value)
+            if name.startswith("loss_"):
+                key = name.replace("loss_", "lambda_")
+                if key not in self.cfg.loss:
+                    raise KeyError(
+                        f"the guidance returned '{name}' but system.loss.{key} is not set in the config"
+                    )
+                loss = loss + value * self.C(self.cfg.loss[key])
+
+        if self.cfg.stage == "coarse":
+            loss = loss + self._coarse_regularizers(out)
+        elif self.cfg.stage == "geometry":
+            loss = loss + self._mesh_regularizers(out)
+
+        for name, value in self.cfg.loss.items():
+            self.log(f"train_params/{name}", self.C(value))
+        return {"loss": loss}
+
+    def _coarse_regularizers(self, out: dict[str, Any]) -> Tensor | float:
+        loss: Tensor | float = 0.0
+        if self._lambda("orient") > 0:
+            if "normal" not in out:
+                raise ValueError(
+                    "system.loss.lambda_orient > 0 needs normals: set geometry.normal_type "
+                    "(e.g. analytic) and a material that requires normals"
+                )
+            loss_orient = (
+                out["weights"].detach() * dot(out["normal"], out["t_dirs"]).clamp_min(0.0) ** 2
+            ).sum() / (out["opacity"] > 0).sum().clamp_min(1)
+            self.log("train/loss_orient", loss_orient)
+            loss = loss + loss_orient * self._lambda("orient")
+
+        if "opacity" in out:
+            loss_sparsity = (out["opacity"] ** 2 + 0.01).sqrt().mean()
+            self.log("train/loss_sparsity", loss_sparsity)
+            loss = loss + loss_sparsity * self._lambda("sparsity")
+
+            opacity_clamped = out["opacity"].clamp(1.0e-3, 1.0 - 1.0e-3)
+            loss_opaque = binary_cross_entropy(opacity_clamped, opacity_clamped)
+            self.log("train/loss_opaque", loss_opaque)
+            loss = loss + loss_opaque * self._lambda("opaque")
+
+        if "z_variance" in out and self._lambda("z_variance") > 0:
+            # HiFA's z-variance, on opaque pixels only
+            opaque = out["opacity"] > 0.5
+            if opaque.any():
+                loss_z_variance = out["z_variance"][opaque].mean()
+                self.log("train/loss_z_variance", loss_z_variance)
+                loss = loss + loss_z_variance * self._lambda("z_variance")
+
+        if "sdf_grad" in out:
+            loss_eikonal = ((torch.linalg.norm(out["sdf_grad"], ord=2, dim=-1) - 1.0) ** 2).mean()
+            self.log("train/loss_eikonal", loss_eikonal)
+            loss = loss + loss_eikonal * self._lambda("eikonal")
+        if "inv_std" in out:
+            self.log("train/inv_std", out["inv_std"], prog_bar=True)
+        return loss
+
+    def _mesh_regularizers(self, out: dict[str, Any]) -> Tensor | float:
+        if "mesh" not in out:
+            raise ValueError("system.stage=geometry needs a mesh renderer (e.g. nvdiff-rasterizer)")
+        loss_normal_consistency = out["mesh"].normal_consistency()
+        self.log("train/loss_normal_consistency", loss_normal_consistency)
+        loss = loss_normal_consistency * self._lambda("normal_consistency")
+        if self._lambda("laplacian_smoothness") > 0:
+            loss_laplacian_smoothness = out["mesh"].laplacian()
+            self.log("train/loss_laplacian_smoothness", loss_laplacian_smoothness)
+            loss = loss + loss_laplacian_smoothness * self._lambda("laplacian_smoothness")
+        return loss
+
+    def _image_grid(self, out: dict[str, Any]) -> list[dict[str, Any]]:
+        grid: list[dict[str, Any]] = []
+        if "comp_rgb" in out:
+            grid.append({"type": "rgb", "img": out["comp_rgb"][0], "kwargs": {"data_format": "HWC"}})
+        if "comp_normal" in out:
+            grid.append(
+                {
+                    "type": "rgb",
+                    "img": out["comp_normal"][0],
+                    "kwargs": {"data_format": "HWC", "data_range": (0, 1)},
+                }
+            )
+        render = render_geometry_for_guidance(out)
+        if render["depth"] is not None:
+            grid.append({"type": "grayscale", "img": render["depth"][0, :, :, 0], "kwargs": {}})
+        if render["opacity"] is not None:
+            grid.append(
+                {
+                    "type": "grayscale",
+                    "img": render["opacity"][0, :, :, 0],
+                    "kwargs": {"cmap": None, "data_range": (0, 1)},
+                }
+            )
+        return grid
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        self.save_image_grid(
+            f"it{self.true_global_step}-{batch['index'][0]}.png",
+            self._image_grid(out),
+            name="validation_step",
+            step=self.true_global_step,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        pass
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        self.save_image_grid(
+            f"it{self.true_global_step}-test/{batch['index'][0]}.png",
+            self._image_grid(out),
+            name="test_step",
+            step=self.true_global_step,
+        )
+
+    def on_test_epoch_end(self) -> None:
+        self.save_img_sequence(
+            f"it{self.true_global_step}-test",
+            f"it{self.true_global_step}-test",
+            r"(\d+)\.png",
+            save_format="mp4",
+            fps=30,
+            name="test",
+            step=self.true_global_step,
+        )
