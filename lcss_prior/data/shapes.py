@@ -106,35 +106,28 @@ def _sdf_cube(p: Float[Tensor, "N 3"]) -> Float[Tensor, " N"]:
     return q.clamp(min=0).norm(dim=-1) + q.amax(dim=-1).clamp(max=0)
 
 
-def _sdf_revolved(p: Float[Tensor, "N 3"], profile: Sequence[tuple[float, float]]) -> Float[Tensor, " N"]:
-    """SDF of a convex solid of revolution about the z axis.
-
-    ``profile`` lists the vertices ``(rho, z)`` of the surface polyline in the half-plane
-    ``rho >= 0``, from the bottom of the axis to its top, counter-clockwise. With ``rho = |p_xy|``
-    the 3-D distance to the surface equals the 2-D distance of ``(rho, z)`` to that polyline; the
-    point is inside when it lies left of every edge of the closed polygon (the axis closes it).
-    """
-    q = torch.stack([p[:, :2].norm(dim=-1), p[:, 2]], dim=-1)
-    verts = torch.tensor(profile, dtype=p.dtype, device=p.device)
-    dist2 = torch.full_like(q[:, 0], float("inf"))
-    inside = torch.ones_like(q[:, 0], dtype=torch.bool)
-    for a, b in zip(verts[:-1], verts[1:]):
-        e = b - a
-        w = q - a
-        s = ((w @ e) / (e @ e)).clamp(0.0, 1.0)
-        dist2 = torch.minimum(dist2, (w - s[:, None] * e).square().sum(-1))
-        inside &= e[0] * w[:, 1] - e[1] * w[:, 0] >= 0  # cross(e, w) >= 0: left of the edge
-    d = dist2.sqrt()
-    return torch.where(inside, -d, d)
-
-
 def _sdf_cylinder(p: Float[Tensor, "N 3"]) -> Float[Tensor, " N"]:
-    r, h = _CYLINDER_RADIUS, _CYLINDER_HALF_HEIGHT
-    return _sdf_revolved(p, [(0.0, -h), (r, -h), (r, h), (0.0, h)])
+    # In the (rho, z) half-plane the cylinder is the rectangle |rho| <= r, |z| <= h: the 2-D box
+    # distance of (rho - r, |z| - h), as for the cube.
+    d = torch.stack([p[:, :2].norm(dim=-1) - _CYLINDER_RADIUS, p[:, 2].abs() - _CYLINDER_HALF_HEIGHT], dim=-1)
+    return d.clamp(min=0).norm(dim=-1) + d.amax(dim=-1).clamp(max=0)
 
 
 def _sdf_cone(p: Float[Tensor, "N 3"]) -> Float[Tensor, " N"]:
-    return _sdf_revolved(p, [(0.0, _CONE_BASE_Z), (_CONE_BASE_RADIUS, _CONE_BASE_Z), (0.0, _CONE_APEX_Z)])
+    # In the (rho, z) half-plane (z measured from the base) the cone is the triangle
+    # A = (0, 0), B = (R, 0), C = (0, H). The surface is the base edge AB and the slant edge BC
+    # (the axis AC is inside the solid): |f| is the distance to the nearer edge; the point is
+    # inside when it lies left of both edges (counter-clockwise order).
+    radius, height = _CONE_BASE_RADIUS, _CONE_APEX_Z - _CONE_BASE_Z
+    rho, z = p[:, :2].norm(dim=-1), p[:, 2] - _CONE_BASE_Z
+    d_base2 = (rho - rho.clamp(max=radius)).square() + z.square()
+    ex, ey = -radius, height  # edge B -> C
+    wx, wy = rho - radius, z  # point relative to B
+    s = ((wx * ex + wy * ey) / (ex * ex + ey * ey)).clamp(0.0, 1.0)
+    d_slant2 = (wx - s * ex).square() + (wy - s * ey).square()
+    d = torch.minimum(d_base2, d_slant2).sqrt()
+    inside = (z >= 0) & (ex * wy - ey * wx >= 0)
+    return torch.where(inside, -d, d)
 
 
 def _sdf_torus(p: Float[Tensor, "N 3"]) -> Float[Tensor, " N"]:
@@ -258,7 +251,7 @@ def camera_rays(
 # --------------------------------------------------------------------------------------------
 
 _HIT_EPS = 1e-5  # a ray has hit when the SDF at its point is below this (scene units)
-_MISS_EPS = 1e-3  # after the last step, rays still this close are counted as hits (grazing rays)
+_MISS_EPS = 1e-3  # rays still this close after the last step are hits if they enter the surface
 _MAX_STEPS = 128
 
 
@@ -312,7 +305,13 @@ def _render_rays(
 ) -> dict[str, Tensor]:
     t, hit = _sphere_trace(shape, rays_o, rays_d)
     normal = torch.zeros_like(rays_d)
-    normal[hit] = _sdf_normals(shape, rays_o[hit] + t[hit, None] * rays_d[hit])
+    idx = torch.nonzero(hit).squeeze(-1)
+    n = _sdf_normals(shape, rays_o[idx] + t[idx, None] * rays_d[idx])
+    # A hit is a point near the surface where the ray enters it (n . d <= 0); a ray that only
+    # grazes the surface and leaves it again (n . d > 0 at its closest approach) is a miss.
+    entering = (n * rays_d[idx]).sum(-1) <= 0
+    hit[idx[~entering]] = False
+    normal[idx[entering]] = n[entering]
     light = torch.tensor(LIGHT_DIRECTION)
     lambert = (normal @ light).clamp(min=0.0)
     shaded = albedo * (AMBIENT + (1.0 - AMBIENT) * lambert[:, None])
