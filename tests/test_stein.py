@@ -649,3 +649,41 @@ def test_shape_errors_name_the_argument():
         cvw.update(eps, torch.randn(4, 3, 3, 2, 2), 1.0, torch.rand(4))
     with pytest.raises(ValueError, match="samples"):
         gradient_variance(torch.randn(1, 3))
+
+
+def _report() -> None:
+    """Print the variance ratios quoted in docs/ssd_math.md (same seeds as the tests)."""
+    prior, x0 = gaussian_setup()
+    rows = {}
+    sds, ssd, ev, cvw = fitted_variance(prior, x0, [misspecified_log_density])
+    v = gradient_variance(sds)
+    rows["gaussian: constant + log-density baseline, scalar mu"] = gradient_variance(ssd) / v
+    rows["gaussian: constant + log-density baseline, channel mu"] = (
+        gradient_variance(fitted_variance(prior, x0, [misspecified_log_density], shape="channel")[1]) / v
+    )
+    rows["gaussian: constant only, scalar mu"] = gradient_variance(fitted_variance(prior, x0, [])[1]) / v
+    rows["gaussian: constant + useless, scalar mu"] = (
+        gradient_variance(fitted_variance(prior, x0, [lambda t: useless])[1]) / v
+    )
+    rows["gaussian: paper form, useless, scalar mu"] = (
+        gradient_variance(fitted_variance(prior, x0, [lambda t: useless], include_constant=False)[1]) / v
+    )
+    rows["gaussian: between-timestep floor"] = between_timestep_variance(sds, ev["t"], 10).between_share
+    print("gaussian: baseline weight mu_1 range", cvw.statistics()["mu1_min"], cvw.statistics()["mu1_max"])
+    mix = MixturePrior(torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), 0.3)
+    x0 = torch.tensor([0.2, 0.5])
+    for shape in ("scalar", "channel"):
+        kw = dict(shape=shape, n_fit=40000, n_eval=40000)
+        sds, ssd, ev, _ = fitted_variance(mix, x0, [mix.ambiguity], **kw)
+        v = gradient_variance(sds)
+        rows[f"mixture: constant + ambiguity, {shape} mu"] = gradient_variance(ssd) / v
+        rows[f"mixture: constant only, {shape} mu"] = (
+            gradient_variance(fitted_variance(mix, x0, [], **kw)[1]) / v
+        )
+    rows["mixture: between-timestep floor"] = between_timestep_variance(sds, ev["t"], 10).between_share
+    for name, value in rows.items():
+        print(f"{name:58s} SSD/SDS variance = {float(value):.4f}")
+
+
+if __name__ == "__main__":
+    _report()
