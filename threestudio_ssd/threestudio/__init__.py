@@ -14,7 +14,7 @@ from threestudio_ssd.threestudio import cpu
 
 cpu.setup_cpu()
 
-from threestudio_ssd.threestudio import prompt_processor, renderer, system  # noqa: E402
+from threestudio_ssd.threestudio import guidance, prompt_processor, renderer, system  # noqa: E402
 from threestudio_ssd.threestudio.registry import REGISTERED_NAMES  # noqa: E402
 
-__all__ = ["REGISTERED_NAMES", "cpu", "prompt_processor", "renderer", "system"]
+__all__ = ["REGISTERED_NAMES", "cpu", "guidance", "prompt_processor", "renderer", "system"]

@@ -1,0 +1,311 @@
+"""``stein-score-distillation-guidance``: Stein Score Distillation as a threestudio guidance.
+
+The estimator itself is :class:`threestudio_ssd.distillation.ScoreDistillation` (framework-free);
+this module speaks threestudio: a nested ``Config``, ``configure()``, ``update_step()`` with
+``C()`` schedules, and ``forward`` returning ``loss_ssd`` (threestudio's target trick, weighted by
+``system.loss.lambda_ssd``), ``loss_mu`` (the learned control-variate weights' loss,
+``lambda_mu``) and scalars for logging.
+
+Per step: ``x0 = encode(rgb)``, ``t ~ U[min_step_percent, max_step_percent]``,
+``x_t = alpha_t x0 + sigma_t eps``, and
+
+    grad = w(t) (eps_hat(x_t; y, t) - sum_k mu_k h_k),   h_k = eps phi_k(x_t) - sigma_t grad phi_k(x_t)
+
+with ``h = eps`` for the ``constant`` baseline (so ``baselines: [constant]`` with ``mu = 1`` is SDS)
+and ``phi = 1 - Pearson(depth estimate of x_t, rendered disparity)`` for ``depth`` (SteinDreamer).
+``estimator: sds`` is plain SDS through the same code (the matching ``sds-*.yaml`` configs).
+
+Classifier-free guidance uses the project's convention ``eps = eps_u + s (eps_c - eps_u)``;
+threestudio's SD guidances write ``eps_c + s' (eps_c - eps_u)``, so ``guidance_scale: 100`` here is
+threestudio's ``99`` (and threestudio's ``100`` is ``101`` here).
+
+Like ProlificDreamer's VSD guidance, this is a ``BaseModule`` built in the system's
+``configure()``: its learnable weights ``mu`` are its only parameters (list ``guidance`` under
+``system.optimizer.params``), while the frozen score model, depth network and baselines live in a
+non-module container, out of the state dict and the optimiser.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from threestudio.models.prompt_processors.base import PromptProcessorOutput
+from threestudio.utils.base import BaseModule
+from threestudio.utils.misc import C
+
+from threestudio_ssd.baselines import RenderOutputs, build_baseline, registered_baselines
+from threestudio_ssd.distillation import DistillationConfig, ScoreDistillation
+from threestudio_ssd.threestudio.prompt_processor import PriorPromptProcessorOutput
+from threestudio_ssd.threestudio.registry import register
+
+SCORE_MODELS = ("stable-diffusion", "lcss-prior")
+ESTIMATORS = ("ssd", "sds")
+GEOMETRIC_BASELINES = ("depth", "normal")  # need a depth estimator and the render
+#: a pixel-space prior is not fed renders smaller than this fraction of its resolution
+MIN_RENDER_FRACTION = 0.5
+
+
+def _config_error(key: str, message: str) -> ValueError:
+    return ValueError(f"guidance.{key}: {message}")
+
+
+@register("stein-score-distillation-guidance")
+class SteinScoreDistillationGuidance(BaseModule):
+    """SSD (or SDS) from a Stable Diffusion or LCSS-prior score model (module docstring)."""
+
+    @dataclass
+    class Config(BaseModule.Config):
+        # the prior: "stable-diffusion" (latent, text) or "lcss-prior" (pixel, caption ids)
+        score_model: str = "stable-diffusion"
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-1-base"
+        prior_path: str | None = None
+        half_precision_weights: bool = True
+        # "ssd" or "sds"
+        estimator: str = "ssd"
+        # any of constant | depth | normal; list constant to include SDS's control variate
+        baselines: list[str] = field(default_factory=lambda: ["constant", "depth"])
+        depth_estimator_path: str | None = None
+        mask_threshold: float = 0.5
+        scene_mode: bool = False  # depth correlation over all pixels instead of the foreground
+        # control-variate weights mu (threestudio_ssd.stein.ControlVariateWeight)
+        mu_shape: str = "scalar"  # scalar | channel | pixel
+        mu_mode: str = "learned"  # learned (the paper) | optimal (least squares, no optimiser)
+        mu_init: Any = None  # a number or one per control variate; default [1, 0, ...] (= SDS)
+        mu_t_bins: int | None = None
+        # our CFG convention eps_u + s (eps_c - eps_u), i.e. threestudio's value + 1
+        guidance_scale: float = 100.0
+        min_step_percent: Any = 0.02  # t range, schedulable with C()
+        max_step_percent: Any = 0.98
+        weighting_strategy: str = "sds"  # sds (w = 1 - alpha_bar) | uniform
+        grad_clip: Any | None = None  # element-wise clip of the gradient, schedulable
+        view_dependent_prompting: bool = True
+        seed: int = 0  # noise generator (t, eps); its state is checkpointed
+
+    cfg: Config
+
+    def configure(self) -> None:
+        cfg = self.cfg
+        self._validate()
+        self.distillation = ScoreDistillation(
+            self._build_score_model(), self._build_baselines(), self._distillation_config()
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+        self.min_t = float(C(cfg.min_step_percent, 0, 0))
+        self.max_t = float(C(cfg.max_step_percent, 0, 0))
+
+    # -- configure-time checks and construction -------------------------------------------------
+
+    def _validate(self) -> None:
+        cfg = self.cfg
+        if cfg.score_model not in SCORE_MODELS:
+            raise _config_error("score_model", f"{cfg.score_model!r} is not one of {list(SCORE_MODELS)}")
+        if cfg.estimator not in ESTIMATORS:
+            raise _config_error("estimator", f"{cfg.estimator!r} is not one of {list(ESTIMATORS)}")
+        known = registered_baselines()
+        unknown = [b for b in cfg.baselines if b not in known]
+        if unknown:
+            raise _config_error("baselines", f"unknown baseline(s) {unknown}; known: {known}")
+        if len(set(cfg.baselines)) != len(cfg.baselines):
+            raise _config_error("baselines", f"{list(cfg.baselines)} lists a baseline twice")
+        if cfg.estimator == "ssd" and not cfg.baselines:
+            raise _config_error("baselines", "SSD needs at least one baseline (e.g. [constant, depth])")
+        if self._uses_estimator() and not cfg.depth_estimator_path:
+            raise _config_error(
+                "depth_estimator_path",
+                f"baselines {[b for b in cfg.baselines if b in GEOMETRIC_BASELINES]} need a monocular "
+                "depth model (a transformers checkpoint folder or Hub id, e.g. Intel/dpt-hybrid-midas)",
+            )
+        if not 0.0 <= cfg.mask_threshold < 1.0:
+            raise _config_error("mask_threshold", f"must be in [0, 1), got {cfg.mask_threshold}")
+        if cfg.score_model == "lcss-prior":
+            if not cfg.prior_path:
+                raise _config_error(
+                    "prior_path", "required with score_model: lcss-prior (an lcss_prior export)"
+                )
+            if not os.path.isdir(cfg.prior_path):
+                raise _config_error(
+                    "prior_path", f"{cfg.prior_path!r} is not a folder (an lcss_prior export)"
+                )
+
+    def _uses_estimator(self) -> bool:
+        return self.cfg.estimator == "ssd" and any(b in GEOMETRIC_BASELINES for b in self.cfg.baselines)
+
+    def _build_score_model(self):
+        from threestudio_ssd.score_models import build_score_model
+
+        cfg = self.cfg
+        if cfg.score_model == "stable-diffusion":
+            return build_score_model(
+                "stable-diffusion",
+                pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
+                half_precision=cfg.half_precision_weights,
+                device=self.device,
+            )
+        try:
+            return build_score_model("lcss-prior", prior=cfg.prior_path, device=self.device)
+        except (OSError, ValueError, KeyError) as err:
+            raise _config_error("prior_path", f"cannot load the prior at {cfg.prior_path!r}: {err}") from err
+
+    def _build_baselines(self) -> list:
+        cfg = self.cfg
+        if cfg.estimator == "sds":
+            return []
+        estimator = None
+        if self._uses_estimator():
+            from threestudio_ssd.depth import load_depth_estimator
+
+            try:
+                estimator = load_depth_estimator(cfg.depth_estimator_path, device=self.device)
+            except (OSError, ValueError) as err:
+                raise _config_error(
+                    "depth_estimator_path", f"cannot load {cfg.depth_estimator_path!r}: {err}"
+                ) from err
+        mode = "scene" if cfg.scene_mode else "object"
+        return [
+            build_baseline(name, estimator=estimator, mode=mode, threshold=cfg.mask_threshold)
+            for name in cfg.baselines
+            if name != "constant"
+        ]
+
+    def _distillation_config(self) -> DistillationConfig:
+        cfg = self.cfg
+        try:
+            return DistillationConfig(
+                estimator=cfg.estimator,
+                include_constant="constant" in cfg.baselines or cfg.estimator == "sds",
+                mu_shape=cfg.mu_shape,
+                mu_mode=cfg.mu_mode,
+                mu_init=cfg.mu_init,
+                mu_t_bins=cfg.mu_t_bins,
+                guidance_scale=float(cfg.guidance_scale),
+                weighting=cfg.weighting_strategy,
+                grad_clip=None,  # set per step by update_step (schedulable)
+            )
+        except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
+            raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err
+
+    # -- threestudio hooks ----------------------------------------------------------------------
+
+    @property
+    def score_model(self):
+        return self.distillation.score_model
+
+    def check_render_resolution(self, height: int, width: int) -> None:
+        """Raise when renders of ``height x width`` cannot sensibly feed the prior: a pixel-space
+        prior of another aspect ratio, or renders smaller than ``MIN_RENDER_FRACTION`` of its side.
+        (Latent models resize every render to their image size, as threestudio does.)"""
+        if self.score_model.space != "pixel":
+            return
+        ph, pw = self.score_model.resolution
+        if abs(height * pw - width * ph) > 0.01 * height * pw:
+            raise ValueError(
+                f"renders of {height}x{width} (data.height/data.width) have another aspect ratio than the "
+                f"prior at guidance.prior_path={self.cfg.prior_path!r} ({ph}x{pw}); render at {ph}x{pw}"
+            )
+        if height < MIN_RENDER_FRACTION * ph:
+            raise ValueError(
+                f"renders of {height}x{width} (data.height/data.width) are too small for the {ph}x{pw} prior "
+                f"at guidance.prior_path={self.cfg.prior_path!r}: upsampling by more than "
+                f"{1 / MIN_RENDER_FRACTION:g}x gives it no detail to judge; render at >= {ph}x{pw}"
+            )
+
+    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
+        self.min_t = float(C(self.cfg.min_step_percent, epoch, global_step))
+        self.max_t = float(C(self.cfg.max_step_percent, epoch, global_step))
+        if not 0.0 <= self.min_t <= self.max_t <= 1.0:
+            raise ValueError(
+                f"guidance.min_step_percent={self.min_t} / max_step_percent={self.max_t} at step "
+                f"{global_step}: need 0 <= min <= max <= 1"
+            )
+        clip = None if self.cfg.grad_clip is None else float(C(self.cfg.grad_clip, epoch, global_step))
+        self.distillation.config.grad_clip = clip if clip is not None and clip > 0 else None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The noise generator's state, so that a resumed run continues the same noise stream."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state and "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def condition(self, prompt_utils: Any, elevation, azimuth, camera_distances) -> Any:
+        """The score model's ``cond`` for a batch of cameras: threestudio's ``[2B, 77, D]`` text
+        embeddings (cond, uncond) for SD, caption ids ``[B]`` for an LCSS prior."""
+        cfg = self.cfg
+        if cfg.score_model == "stable-diffusion":
+            if not isinstance(prompt_utils, PromptProcessorOutput):
+                raise TypeError(
+                    "score_model: stable-diffusion needs text embeddings from a threestudio prompt "
+                    f"processor (e.g. stable-diffusion-prompt-processor), got {type(prompt_utils).__name__}"
+                )
+            return prompt_utils.get_text_embeddings(
+                elevation, azimuth, camera_distances, cfg.view_dependent_prompting
+            )
+        if not isinstance(prompt_utils, PriorPromptProcessorOutput):
+            raise TypeError(
+                "score_model: lcss-prior needs system.prompt_processor_type: stein-prior-prompt-processor, "
+                f"got {type(prompt_utils).__name__}"
+            )
+        if list(prompt_utils.captions) != list(self.score_model.captions):
+            raise ValueError(
+                "the prompt processor's prior (system.prompt_processor.prior_path) has other captions than "
+                f"guidance.prior_path={cfg.prior_path!r}; point both at the same prior"
+            )
+        return prompt_utils.get_labels(elevation, azimuth, camera_distances, cfg.view_dependent_prompting).to(
+            self.device
+        )
+
+    def forward(
+        self,
+        rgb: torch.Tensor,
+        prompt_utils: Any,
+        elevation: torch.Tensor,
+        azimuth: torch.Tensor,
+        camera_distances: torch.Tensor,
+        depth: torch.Tensor | None = None,
+        opacity: torch.Tensor | None = None,
+        comp_normal: torch.Tensor | None = None,
+        c2w: torch.Tensor | None = None,
+        rgb_as_latents: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``rgb [B, H, W, 3]`` in ``[0, 1]`` (or ``[B, h, w, C]`` latents with ``rgb_as_latents``);
+        ``depth``/``opacity`` ``[B, H, W, 1]`` and ``comp_normal`` ``[B, H, W, 3]`` as threestudio's
+        renderers return them, ``c2w [B, 4, 4]`` and ``fovy`` (radians, in ``kwargs``) from the batch.
+        Returns ``loss_ssd``, ``loss_mu`` (learned ``mu``), ``min_step``/``max_step`` (the ``t``
+        range as fractions) and the estimator's statistics (``grad_norm``, ``phi_mean/<baseline>``,
+        ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
+        x = rgb.permute(0, 3, 1, 2)
+        if not rgb_as_latents:
+            self.check_render_resolution(x.shape[2], x.shape[3])
+        cond = self.condition(prompt_utils, elevation, azimuth, camera_distances)
+        render = self._render_outputs(depth, opacity, comp_normal, c2w, kwargs.get("fovy"))
+        out = self.distillation(
+            x,
+            cond,
+            render,
+            t_range=(self.min_t, self.max_t),
+            generator=self.generator,
+            rgb_as_latents=rgb_as_latents,
+        )
+        result: dict[str, Any] = {"loss_ssd": out.loss, "min_step": self.min_t, "max_step": self.max_t}
+        if out.loss_mu is not None:
+            result["loss_mu"] = out.loss_mu
+        result.update(out.stats)
+        return result
+
+    def _render_outputs(self, depth, opacity, comp_normal, c2w, fovy) -> RenderOutputs | None:
+        if not self.distillation.baselines:
+            return None
+        if depth is None or opacity is None:
+            raise ValueError(
+                f"guidance.baselines {list(self.cfg.baselines)} need the rendered depth and opacity, but the "
+                "renderer gave none (nvdiff-rasterizer renders no depth: use baselines [constant] in mesh stages)"
+            )
+        out = {"depth": depth, "opacity": opacity, "comp_normal": comp_normal}
+        return RenderOutputs.from_threestudio(out, {"c2w": c2w, "fovy": fovy})
