@@ -34,6 +34,15 @@ from lcss_prior.data.shapes import BOUNDING_RADIUS, COLORS, SHAPES, shape_sdf
 SPHERE_RADIUS = 0.40  # the sphere primitive's radius (documented in docs/data.md)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The renderer works on many small tensors: one thread is faster than two on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +311,7 @@ def test_render_time_is_reported():
             render_scene(shape, "yellow", c2w, 50.0, 64, supersample=supersample)
         timings[supersample] = (time.perf_counter() - start) / len(SHAPES)
     print(
-        f"\nrender_scene 64x64 on {torch.get_num_threads()} threads: "
+        "\nrender_scene 64x64 on 1 thread: "
         + ", ".join(f"supersample={s}: {1000 * t:.1f} ms/image" for s, t in timings.items())
     )
 

@@ -16,6 +16,8 @@ blocks needs 16 or 32).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,20 @@ __all__ = ["DigitsDataset", "N_DIGITS", "TEST_SIZE"]
 N_DIGITS = 1797
 TEST_SIZE = 360
 _MAX_VALUE = 16
+
+
+@lru_cache(maxsize=1)
+def _load_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's images ``[1797, 8, 8]`` (values 0..16) and targets, read once per process."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    if data.images.shape != (N_DIGITS, 8, 8):
+        raise RuntimeError(f"unexpected sklearn digits shape {data.images.shape}")
+    images, targets = data.images.copy(), data.target.copy()
+    images.setflags(write=False)
+    targets.setflags(write=False)
+    return images, targets
 
 
 def _split_indices(split: str, seed: int) -> np.ndarray:
@@ -52,17 +68,13 @@ class DigitsDataset(Dataset):
                 f"resolution must be 8 or a multiple of 8 (integer nearest upsampling keeps the 17 "
                 f"levels exact), got {resolution}"
             )
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
-        if data.images.shape != (N_DIGITS, 8, 8):
-            raise RuntimeError(f"unexpected sklearn digits shape {data.images.shape}")
+        images, targets = _load_raw()
         idx = _split_indices(split, seed)
-        values = torch.as_tensor(data.images[idx], dtype=torch.float32)[:, None]  # [N, 1, 8, 8]
+        values = torch.as_tensor(images[idx], dtype=torch.float32)[:, None]  # [N, 1, 8, 8]
         if resolution > 8:
             values = F.interpolate(values, scale_factor=resolution // 8, mode="nearest")
         self.images = values * (2.0 / _MAX_VALUE) - 1.0
-        self.labels = torch.as_tensor(data.target[idx], dtype=torch.long)
+        self.labels = torch.as_tensor(targets[idx], dtype=torch.long)
         self.indices = torch.as_tensor(idx)  # positions in load_digits(), for traceability
         self.split = split
         self.seed = int(seed)

@@ -203,7 +203,7 @@ def camera_c2w(
     back = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], dim=-1)
     right = torch.stack([-torch.sin(az), torch.cos(az), torch.zeros_like(az)], dim=-1)
     up = torch.linalg.cross(back, right)  # = right x forward
-    c2w = torch.zeros(*el.shape, 4, 4)
+    c2w = torch.zeros(*el.shape, 4, 4, device=el.device)
     c2w[..., :3, 0], c2w[..., :3, 1], c2w[..., :3, 2] = right, up, back
     c2w[..., :3, 3] = position
     c2w[..., 3, 3] = 1.0
@@ -227,12 +227,12 @@ def camera_rays(
     c2w = torch.as_tensor(c2w, dtype=torch.float32)
     if c2w.shape[-2:] != (4, 4):
         raise ValueError(f"c2w must have shape [..., 4, 4], got {tuple(c2w.shape)}")
-    batch = c2w.shape[:-2]
-    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32)).expand(batch)
+    batch, device = c2w.shape[:-2], c2w.device
+    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32, device=device)).expand(batch)
     focal = 0.5 * height / torch.tan(0.5 * fovy)  # [...]
     v, u = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32) + 0.5,
-        torch.arange(width, dtype=torch.float32) + 0.5,
+        torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+        torch.arange(width, dtype=torch.float32, device=device) + 0.5,
         indexing="ij",
     )
     f = focal[..., None, None]
@@ -241,7 +241,8 @@ def camera_rays(
         dim=-1,
     )  # [..., H, W, 3]
     rot = c2w[..., None, None, :3, :3]
-    rays_d = F.normalize((rot @ dirs_cam[..., None])[..., 0], dim=-1)
+    # elementwise product and sum (not a batched matmul): the same floats for any batch size
+    rays_d = F.normalize((rot * dirs_cam[..., None, :]).sum(-1), dim=-1)
     rays_o = c2w[..., None, None, :3, 3].expand(rays_d.shape)
     return rays_o, rays_d
 
@@ -312,7 +313,7 @@ def _render_rays(
     entering = (n * rays_d[idx]).sum(-1) <= 0
     hit[idx[~entering]] = False
     normal[idx[entering]] = n[entering]
-    light = torch.tensor(LIGHT_DIRECTION)
+    light = torch.tensor(LIGHT_DIRECTION, device=rays_d.device)
     lambert = (normal @ light).clamp(min=0.0)
     shaded = albedo * (AMBIENT + (1.0 - AMBIENT) * lambert[:, None])
     rgb = torch.where(hit[:, None], shaded, background)
@@ -336,7 +337,7 @@ def render_scene(
     normals, 0 outside). ``rgb = albedo * (AMBIENT + (1 - AMBIENT) max(n . l, 0))`` on the object,
     ``background`` elsewhere. With ``supersample = s > 1`` the colour is the mean of an ``s x s``
     grid of sub-pixel rays (anti-aliasing); depth, mask and normal always come from the pixel-centre
-    ray, so they align with threestudio's rays exactly.
+    ray, so they align with threestudio's rays exactly. Runs on ``c2w``'s device.
     """
     _check_word("shape", shape, SHAPES)
     _check_word("colour", color, tuple(COLORS))
@@ -345,11 +346,11 @@ def render_scene(
     height, width = resolution
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
-    albedo = torch.tensor(COLORS[color])
-    bg = torch.as_tensor(background, dtype=torch.float32)
+    c2w = torch.as_tensor(c2w, dtype=torch.float32)
+    albedo = torch.tensor(COLORS[color], device=c2w.device)
+    bg = torch.as_tensor(background, dtype=torch.float32, device=c2w.device)
     if bg.shape != (3,):
         raise ValueError(f"background must be 3 numbers (RGB), got {background!r}")
-    c2w = torch.as_tensor(c2w, dtype=torch.float32)
     batch = c2w.shape[:-2]
 
     rays_o, rays_d = camera_rays(c2w, fovy_deg, height, width)
@@ -530,10 +531,12 @@ class ShapesDataset(Dataset):
                     "delete it or choose another cache path"
                 )
             return blob["items"]
-        items = [
-            self._render_item(i)
-            for i in tqdm(range(self.size), desc=f"rendering shapes -> {path.name}", leave=False)
-        ]
+        chunk = 16 * len(self.captions)  # 16 cameras per render_scene call
+        items = []
+        for start in tqdm(
+            range(0, self.size, chunk), desc=f"rendering shapes -> {path.name}", unit="chunk", leave=False
+        ):
+            items += self._render_items(range(start, min(start + chunk, self.size)))
         stacked: dict[str, Tensor] = {
             "image": torch.stack([torch.round((it["image"] + 1) * 127.5) for it in items]).to(torch.uint8)
         }
@@ -569,29 +572,36 @@ class ShapesDataset(Dataset):
             "fovy": torch.tensor(fovy, dtype=torch.float32),
         }
 
-    def _render_item(self, index: int) -> dict:
-        label = index % len(self.captions)
-        shape, color = parse_caption(self.captions[label])
-        cam = self.camera(index)
-        out = render_scene(
-            shape,
-            color,
-            cam["c2w"],
-            cam["fovy"],
-            self.resolution,
-            background=self.background,
-            supersample=self.supersample,
-        )
-        rgb8 = torch.round(out["rgb"].clamp(0, 1) * 255)
-        item = {
-            "image": (rgb8.permute(2, 0, 1) / 127.5 - 1.0).contiguous(),
-            "label": label,
-            "caption": self.captions[label],
-            **cam,
-        }
-        for key in self._geometry_keys():
-            item[key] = out[key]
-        return item
+    def _render_items(self, indices: Sequence[int]) -> list[dict]:
+        """Render items, one batched ``render_scene`` call per caption (same result as one by one)."""
+        items: dict[int, dict] = {}
+        by_label: dict[int, list[int]] = {}
+        for index in indices:
+            by_label.setdefault(index % len(self.captions), []).append(index)
+        for label, group in by_label.items():
+            shape, color = parse_caption(self.captions[label])
+            cams = [self.camera(index) for index in group]
+            out = render_scene(
+                shape,
+                color,
+                torch.stack([cam["c2w"] for cam in cams]),
+                torch.stack([cam["fovy"] for cam in cams]),
+                self.resolution,
+                background=self.background,
+                supersample=self.supersample,
+            )
+            rgb8 = torch.round(out["rgb"].clamp(0, 1) * 255)
+            for row, (index, cam) in enumerate(zip(group, cams)):
+                item = {
+                    "image": (rgb8[row].permute(2, 0, 1) / 127.5 - 1.0).contiguous(),
+                    "label": label,
+                    "caption": self.captions[label],
+                    **cam,
+                }
+                for key in self._geometry_keys():
+                    item[key] = out[key][row].clone()
+                items[index] = item
+        return [items[index] for index in indices]
 
     def __getitem__(self, index: int) -> dict:
         if not -self.size <= index < self.size:
@@ -609,6 +619,6 @@ class ShapesDataset(Dataset):
             return item
         if self._memory is not None:
             if index not in self._memory:
-                self._memory[index] = self._render_item(index)
+                self._memory[index] = self._render_items([index])[0]
             return dict(self._memory[index])
-        return self._render_item(index)
+        return self._render_items([index])[0]
