@@ -20,6 +20,7 @@ weighted by ``system.loss.lambda_<x>``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from threestudio.systems.base import BaseLift3DSystem
 from threestudio.utils.ops import binary_cross_entropy, dot
 from torch import Tensor
 
+from threestudio_ssd.threestudio.guidance import SteinScoreDistillationGuidance
 from threestudio_ssd.threestudio.registry import register
 
 STAGES = ("coarse", "geometry", "texture")
@@ -64,6 +66,18 @@ class SteinDreamer(BaseLift3DSystem):
         self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         self.prompt_utils = self.prompt_processor()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # the data module is known only now: refuse render sizes the prior cannot use, before step 1
+        data_cfg = getattr(getattr(self.trainer, "datamodule", None), "cfg", None)
+        if isinstance(self.guidance, SteinScoreDistillationGuidance) and data_cfg is not None:
+            heights, widths = data_cfg.get("height"), data_cfg.get("width")
+            heights = list(heights) if isinstance(heights, Sequence) else [heights]
+            widths = list(widths) if isinstance(widths, Sequence) else [widths]
+            for height, width in zip(heights, widths):
+                if height is not None and width is not None:
+                    self.guidance.check_render_resolution(int(height), int(width))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         if hasattr(self.renderer, "batch_forward"):  # the Gaussian-splatting extension's renderers

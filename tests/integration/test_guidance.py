@@ -1,0 +1,179 @@
+"""``stein-score-distillation-guidance`` built by threestudio's registry from tiny saved models:
+an exported LCSS prior (pixel path) and a Stable-Diffusion-shaped folder (latent path: the depth
+baseline sees the VAE decode of ``x_t``), with a tiny DPT as depth estimator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .tiny_models import make_tiny_dpt, make_tiny_prior, make_tiny_sd, sd_prompt_utils, sphere_render
+
+pytestmark = pytest.mark.integration
+
+CAMERA = {
+    "elevation": torch.tensor([10.0]),
+    "azimuth": torch.tensor([30.0]),
+    "camera_distances": torch.tensor([2.0]),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "prior": make_tiny_prior(root / "prior", resolution=16),
+        "dpt": make_tiny_dpt(root / "dpt"),
+        "sd": make_tiny_sd(root / "sd"),
+    }
+
+
+def lcss_guidance(ts, models, **overrides):
+    cfg = {
+        "score_model": "lcss-prior",
+        "prior_path": str(models["prior"]),
+        "depth_estimator_path": str(models["dpt"]),
+        "baselines": ["constant", "depth"],
+        "half_precision_weights": False,
+        "guidance_scale": 3.0,
+        **overrides,
+    }
+    return ts.find("stein-score-distillation-guidance")(cfg)
+
+
+def prior_prompt(ts, models, prompt="a red cube"):
+    return ts.find("stein-prior-prompt-processor")({"prior_path": str(models["prior"]), "prompt": prompt})()
+
+
+def mu_parameter(guidance) -> torch.nn.Parameter:
+    params = list(guidance.parameters())
+    assert len(params) == 1, [n for n, _ in guidance.named_parameters()]
+    return params[0]
+
+
+def test_lcss_prior_step_losses_gradients_and_state(threestudio_ts, models):
+    guidance = lcss_guidance(threestudio_ts, models, mu_mode="learned")
+    pu = prior_prompt(threestudio_ts, models)
+    assert pu.label == pu.captions.index("a red cube")
+    rgb = torch.rand(1, 16, 16, 3, requires_grad=True)
+    out = guidance(rgb, pu, **CAMERA, **sphere_render(16, 16))
+    for key in ("loss_ssd", "loss_mu", "grad_norm", "depth_corr", "n_fallback", "min_step", "max_step"):
+        assert key in out, key
+    assert torch.isfinite(out["loss_ssd"]) and torch.isfinite(out["loss_mu"])
+    assert out["n_fallback"] == 0 and out["valid_frac/depth"] == 1.0
+    out["loss_ssd"].backward()
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    mu = mu_parameter(guidance)
+    assert mu.grad is None  # the distillation loss does not train mu ...
+    out["loss_mu"].backward()
+    assert mu.grad is not None and (mu.grad.abs().flatten() > 0).all()  # ... loss_mu trains both weights
+    # checkpoints hold mu and the noise generator, never the frozen prior or depth network
+    keys = set(guidance.state_dict())
+    assert keys and all(k.startswith("distillation.mu") or k.endswith("_extra_state") for k in keys), keys
+
+
+def test_schedules_follow_C(threestudio_ts, models):
+    guidance = lcss_guidance(
+        threestudio_ts,
+        models,
+        estimator="sds",
+        depth_estimator_path=None,
+        max_step_percent=[5, 0.98, 0.5, 6],
+        grad_clip=[0, 1.0, 2.0, 10],
+    )
+    guidance.update_step(0, 0)
+    assert guidance.max_t == pytest.approx(0.98) and guidance.distillation.config.grad_clip == pytest.approx(
+        1.0
+    )
+    guidance.update_step(0, 5)
+    assert guidance.distillation.config.grad_clip == pytest.approx(1.5)
+    guidance.update_step(0, 10)
+    assert guidance.max_t == pytest.approx(0.5) and guidance.distillation.config.grad_clip == pytest.approx(
+        2.0
+    )
+    out = guidance(torch.rand(1, 16, 16, 3), prior_prompt(threestudio_ts, models), **CAMERA)
+    assert out["max_step"] == pytest.approx(0.5)
+    assert out["grad_norm"] <= 2.0 * (3 * 16 * 16) ** 0.5 + 1e-4  # element-wise clip at 2
+    with pytest.raises(ValueError, match="min_step_percent"):
+        lcss_guidance(
+            threestudio_ts,
+            models,
+            estimator="sds",
+            depth_estimator_path=None,
+            min_step_percent=0.9,
+            max_step_percent=0.5,
+        ).update_step(0, 0)
+
+
+def test_constant_baseline_with_unit_weight_is_sds_and_noise_state_is_checkpointed(threestudio_ts, models):
+    """Through the whole threestudio path: SSD with only the constant baseline and mu = 1 gives
+    SDS's loss on the same noise; a guidance loaded from another's state dict continues its noise."""
+    pu = prior_prompt(threestudio_ts, models)
+    rgb = torch.rand(1, 16, 16, 3)
+    sds = lcss_guidance(threestudio_ts, models, estimator="sds", depth_estimator_path=None, seed=3)
+    ssd = lcss_guidance(
+        threestudio_ts, models, baselines=["constant"], depth_estimator_path=None, mu_init=1.0, seed=3
+    )
+    a, b = sds(rgb, pu, **CAMERA), ssd(rgb, pu, **CAMERA)
+    torch.testing.assert_close(a["loss_ssd"], b["loss_ssd"])
+    assert "loss_mu" not in a and "loss_mu" in b
+    assert list(sds.parameters()) == []
+    # a different weight is not SDS on the same draw (the comparison above can fail)
+    ssd_half = lcss_guidance(
+        threestudio_ts, models, baselines=["constant"], depth_estimator_path=None, mu_init=0.5, seed=3
+    )
+    assert not torch.allclose(ssd_half(rgb, pu, **CAMERA)["loss_ssd"], a["loss_ssd"])
+    # resume: the generator state travels in the state dict
+    fresh = lcss_guidance(threestudio_ts, models, estimator="sds", depth_estimator_path=None, seed=99)
+    fresh.load_state_dict(sds.state_dict())
+    torch.testing.assert_close(fresh(rgb, pu, **CAMERA)["loss_ssd"], sds(rgb, pu, **CAMERA)["loss_ssd"])
+
+
+def test_stable_diffusion_latent_path(threestudio_ts, models):
+    """SD score model: text embeddings from threestudio's PromptProcessorOutput, latents from the
+    VAE, the depth baseline evaluated on the VAE decode of x_t (gradient through decoder and DPT)."""
+    guidance = threestudio_ts.find("stein-score-distillation-guidance")(
+        {
+            "score_model": "stable-diffusion",
+            "pretrained_model_name_or_path": str(models["sd"]),
+            "half_precision_weights": False,
+            "depth_estimator_path": str(models["dpt"]),
+            "baselines": ["constant", "depth"],
+            "mu_mode": "learned",
+            "mu_shape": "channel",
+        }
+    )
+    assert guidance.score_model.space == "latent"
+    rgb = torch.rand(1, 16, 16, 3, requires_grad=True)
+    out = guidance(rgb, sd_prompt_utils(), **CAMERA, **sphere_render(16, 16))
+    assert torch.isfinite(out["loss_ssd"]) and torch.isfinite(out["loss_mu"])
+    assert out["n_fallback"] == 0 and out["valid_frac/depth"] == 1.0
+    (out["loss_ssd"] + out["loss_mu"]).backward()
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    mu = mu_parameter(guidance)
+    assert mu.grad is not None and (mu.grad.abs().sum(dim=-1) > 0).all()  # both cv weights, every bin
+    with pytest.raises(TypeError, match="prompt processor"):
+        guidance(rgb, prior_prompt(threestudio_ts, models), **CAMERA, **sphere_render(16, 16))
+
+
+def test_prompt_processor_view_dependent_captions(threestudio_ts, tmp_path):
+    captions = [
+        "a red cube",
+        "a red cube, front view",
+        "a red cube, back view",
+        "a red cube, overhead view",
+        "a ball",
+    ]
+    (tmp_path / "prior.json").write_text(
+        json.dumps({"format": "lcss-prior", "captions": captions, "null_class": 5})
+    )
+    pu = threestudio_ts.find("stein-prior-prompt-processor")(
+        {"prior_path": str(tmp_path), "prompt": "A Red  Cube"}
+    )()
+    elevation = torch.tensor([0.0, 0.0, 0.0, 80.0, 0.0])
+    azimuth = torch.tensor([0.0, 90.0, 180.0, 0.0, -170.0])
+    labels = pu.get_labels(elevation, azimuth, None, view_dependent_prompting=True)
+    assert labels.tolist() == [1, 0, 2, 3, 2]  # front, side (no side caption: base), back, overhead, back
+    assert pu.get_labels(elevation, azimuth, None, view_dependent_prompting=False).tolist() == [0] * 5
