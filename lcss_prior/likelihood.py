@@ -102,6 +102,51 @@ def _lookup(registry: dict[str, Any], name: str, what: str) -> Any:
         raise KeyError(f"unknown {what} {name!r}; choose from {sorted(registry)}") from None
 
 
+class AnalyticGaussian:
+    """Reference: data ``N(mean, cov)`` diffused by an affine SDE, with everything in closed form::
+
+        p_t = N(alpha(t) mean, alpha(t)^2 cov + std(t)^2 I),
+        s(x, t) = -(alpha^2 cov + std^2 I)^{-1} (x - alpha mean)
+
+    Used to check samplers and likelihoods (and anything else that consumes a ``score_fn``)
+    against exact answers. ``x`` is ``[B, D]``.
+    """
+
+    def __init__(self, sde: Any, mean: Float[Tensor, " D"], cov: Float[Tensor, "D D"]) -> None:
+        if not getattr(sde, "is_affine", False):
+            raise ValueError(f"AnalyticGaussian needs an affine SDE, got {sde!r}")
+        self.sde = sde
+        self.mean = torch.as_tensor(mean)
+        self.cov = torch.as_tensor(cov, dtype=self.mean.dtype)
+        if self.cov.shape != (self.mean.numel(), self.mean.numel()):
+            raise ValueError(f"cov must be [D, D] for mean [D]; got {tuple(self.cov.shape)}")
+        # cov = Q diag(lam) Q^T, so cov_t^{-1} = Q diag(1 / (alpha^2 lam + std^2)) Q^T for every t
+        self._lam, self._q = torch.linalg.eigh(self.cov)
+
+    def marginal(self, t: Float[Tensor, " B"]) -> tuple[Float[Tensor, "B D"], Float[Tensor, "B D D"]]:
+        """Mean ``alpha(t) mean`` and covariance ``alpha(t)^2 cov + std(t)^2 I`` of ``p_t``."""
+        alpha, std = self.sde.alpha(t).to(self.mean.dtype), self.sde.std(t).to(self.mean.dtype)
+        eye = torch.eye(self.mean.numel(), dtype=self.mean.dtype)
+        return alpha[:, None] * self.mean, alpha[:, None, None] ** 2 * self.cov + std[
+            :, None, None
+        ] ** 2 * eye
+
+    def score(self, x: Float[Tensor, "B D"], t: Float[Tensor, " B"]) -> Float[Tensor, "B D"]:
+        """``grad_x log p_t(x) = -cov_t^{-1} (x - mean_t)``."""
+        q, lam = self._q.to(x.dtype), self._lam.to(x.dtype)
+        alpha, std = self.sde.alpha(t).to(x.dtype)[:, None], self.sde.std(t).to(x.dtype)[:, None]
+        r = (x - alpha * self.mean.to(x.dtype)) @ q
+        return -(r / (alpha**2 * lam + std**2)) @ q.T
+
+    def log_prob(self, x: Float[Tensor, "B D"], t: Float[Tensor, " B"] | None = None) -> Float[Tensor, " B"]:
+        """``log p_t(x)`` (``log N(x; mean, cov)`` for ``t=None``)."""
+        if t is None:
+            mean_t, cov_t = self.mean.expand(x.shape[0], -1), self.cov.expand(x.shape[0], -1, -1)
+        else:
+            mean_t, cov_t = self.marginal(t)
+        return torch.distributions.MultivariateNormal(mean_t, cov_t).log_prob(x.to(cov_t.dtype))
+
+
 # --------------------------------------------------------------------------------------------------
 # log-likelihood and bits/dim
 # --------------------------------------------------------------------------------------------------
