@@ -348,12 +348,17 @@ def test_shapes_items_are_deterministic_per_index():
     for i in (17, 3, 29, 0):  # access order does not matter
         _assert_items_equal(a[i], b[i])
     _assert_items_equal(a[-1], a[29])
+    batched = a.render_items([3, 17, 23, 24])  # several captions, batched per caption
+    for index, item in zip([3, 17, 23, 24], batched):
+        _assert_items_equal(item, a[index])
     other_seed, test_split = ShapesDataset(seed=6, **kwargs), ShapesDataset(seed=5, split="test", **kwargs)
     for other in (other_seed, test_split):
         assert not torch.equal(a[3]["c2w"], other[3]["c2w"])
         assert a[3]["label"] == other[3]["label"]
     with pytest.raises(IndexError):
         a[30]
+    with pytest.raises(IndexError, match="index 30"):
+        a.render_items([1, 30])
 
 
 def test_shapes_item_contents_and_ranges():

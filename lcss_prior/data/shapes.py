@@ -536,7 +536,7 @@ class ShapesDataset(Dataset):
         for start in tqdm(
             range(0, self.size, chunk), desc=f"rendering shapes -> {path.name}", unit="chunk", leave=False
         ):
-            items += self._render_items(range(start, min(start + chunk, self.size)))
+            items += self.render_items(range(start, min(start + chunk, self.size)))
         stacked: dict[str, Tensor] = {
             "image": torch.stack([torch.round((it["image"] + 1) * 127.5) for it in items]).to(torch.uint8)
         }
@@ -572,11 +572,18 @@ class ShapesDataset(Dataset):
             "fovy": torch.tensor(fovy, dtype=torch.float32),
         }
 
-    def _render_items(self, indices: Sequence[int]) -> list[dict]:
-        """Render items, one batched ``render_scene`` call per caption (same result as one by one)."""
+    def render_items(self, indices: Sequence[int]) -> list[dict]:
+        """Items ``indices``, rendered with one batched ``render_scene`` call per caption.
+
+        Bit-identical to ``[self[i] for i in indices]`` without a cache, and several times faster
+        for many items (sphere tracing's per-step overhead is shared by the cameras of a batch).
+        """
         items: dict[int, dict] = {}
         by_label: dict[int, list[int]] = {}
+        indices = [int(index) for index in indices]
         for index in indices:
+            if not 0 <= index < self.size:
+                raise IndexError(f"index {index} out of range for a ShapesDataset of size {self.size}")
             by_label.setdefault(index % len(self.captions), []).append(index)
         for label, group in by_label.items():
             shape, color = parse_caption(self.captions[label])
@@ -619,6 +626,6 @@ class ShapesDataset(Dataset):
             return item
         if self._memory is not None:
             if index not in self._memory:
-                self._memory[index] = self._render_items([index])[0]
+                self._memory[index] = self.render_items([index])[0]
             return dict(self._memory[index])
-        return self._render_items([index])[0]
+        return self.render_items([index])[0]
