@@ -8,7 +8,7 @@ its random perturbations: elevation and azimuth in degrees, camera position
 ``d * (cos(el) cos(az), cos(el) sin(az), sin(el))``, looking at the origin, world up ``+z``, an
 OpenGL camera (looks along ``-z`` of its frame, ``+y`` up), ``c2w`` columns right, up, back,
 position. Ray directions go through pixel centres with focal length ``0.5 * H / tan(fovy / 2)``
-for both axes and camera-frame direction ``((u - W/2) / f, -(v - H/2) / f, -1)``, normalised
+for both axes and camera-frame direction ``((u + 0.5 - W/2) / f, -(v + 0.5 - H/2) / f, -1)``, normalised
 (threestudio's ``get_ray_directions`` + ``get_rays(normalize=True)``), so a threestudio render and
 ours of the same camera align pixel for pixel. ``depth`` is the distance along the unit ray.
 
