@@ -180,7 +180,9 @@ class DepthEstimator(nn.Module):
         if rgb.dim() != 4 or rgb.shape[1] != 3:
             raise ValueError(f"DepthEstimator expects rgb of shape [B, 3, H, W], got {tuple(rgb.shape)}")
         height, width = rgb.shape[-2:]
-        x = self.preprocess(rgb.to(self.dtype))
+        # Preprocess in the input's precision (antialiased resampling has no CPU half kernels),
+        # then cast to the weights' dtype.
+        x = self.preprocess(rgb).to(self.dtype)
         pred = self.model(pixel_values=x).predicted_depth  # [B, h, w]
         pred = F.interpolate(pred[:, None], size=(height, width), mode="bilinear", align_corners=False)
         return pred[:, 0].to(rgb.dtype)
