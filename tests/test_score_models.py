@@ -17,8 +17,9 @@ from threestudio_ssd.score_models import (
     build_score_model,
 )
 from threestudio_ssd.score_models.image import resize_image
+from threestudio_ssd.testing import TINY_SD_TEXT_DIM, make_tiny_prior, make_tiny_stable_diffusion
 
-TEXT_DIM = 32
+TEXT_DIM = TINY_SD_TEXT_DIM
 TEXT_LEN = 5
 
 
@@ -32,41 +33,8 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make_tiny_sd(folder, prediction_type: str = "epsilon", seed: int = 0):
-    """A random SD-shaped pipeline: 4-channel 8x8 latents, VAE factor 2 (16 px images)."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-    )
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    scheduler.save_pretrained(folder / "scheduler")
-    return folder
+def make_tiny_sd(folder, prediction_type: str = "epsilon"):
+    return make_tiny_stable_diffusion(folder, prediction_type=prediction_type)
 
 
 @pytest.fixture(scope="module")
@@ -226,14 +194,7 @@ CAPTIONS = ["a red cube", "a blue sphere"]
 
 @pytest.fixture(scope="module")
 def prior_path(tmp_path_factory):
-    from lcss_prior.export import export_prior
-    from lcss_prior.model import build_unet
-    from lcss_prior.sde import build_sde
-
-    torch.manual_seed(0)
-    unet = build_unet(8, 3, len(CAPTIONS), block_out_channels=(32, 32), layers_per_block=1)
-    folder = tmp_path_factory.mktemp("prior") / "tiny"
-    return export_prior(unet, build_sde("vp"), folder, CAPTIONS, 8, 3, len(CAPTIONS))
+    return make_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny", captions=CAPTIONS)
 
 
 @pytest.fixture(scope="module")
