@@ -1,0 +1,492 @@
+"""One score-distillation step, framework-free: shared by the threestudio guidance, the 2-D
+playground and the benchmarks (pure torch + our modules; no threestudio, no Lightning).
+
+Per step, for a render ``rgb`` with gradient to the 3-D parameters (docs/ARCHITECTURE.md):
+
+1. ``x0 = encode(rgb)``; ``t ~ U[t_min, t_max]`` and ``eps ~ N(0, I)`` per sample (from
+   ``generator``); ``x_t = alpha_t x0 + sigma_t eps`` with ``x0`` detached;
+   ``eps_hat = eps(x_t, t, cond, s)`` (classifier-free guided, no gradient); ``w(t)``.
+2. Control variates: the constant baseline's ``h_0 = eps`` (``include_constant``) and, for SSD, one
+   ``h_k = eps phi_k(x_t) - sigma_t grad_{x_t} phi_k(x_t)`` per baseline, all baselines evaluated on
+   ONE decode of ``x_t`` (``baseline_value_and_grad``); invalid or non-finite samples fall back to
+   ``eps`` and are counted.
+3. ``grad = w (eps_hat - sum_k mu_k h_k)`` (``stein_gradient``) with ``mu`` from earlier steps
+   (detached), so ``E[grad]`` is the SDS mean for every ``mu``; then ``mu`` is refit (``optimal``)
+   or its loss returned (``learned``). SDS is the same path with ``h_0 = eps`` alone and ``mu = 1``:
+   exactly ``w (eps_hat - eps)``.
+4. ``nan_to_num``, optional element-wise clipping, and threestudio's target trick
+   ``loss = 0.5 ||x0 - (x0 - grad).detach()||^2 / B`` (sum over elements), whose gradient with
+   respect to ``x0`` is ``grad / B``.
+
+The frozen score model and the baselines (which hold the depth network) are kept in a plain,
+non-``Module`` container: they are neither in ``state_dict()`` nor in ``parameters()``, and
+``.to(device)`` does not move them. The only submodule is ``mu`` (``ControlVariateWeight``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from threestudio_ssd.baselines.base import Baseline, ConstantBaseline, RenderOutputs
+from threestudio_ssd.score_models.base import ScoreModel
+from threestudio_ssd.score_models.image import resize_image
+from threestudio_ssd.stein import (
+    ControlVariateWeight,
+    baseline_value_and_grad,
+    control_variates,
+    gradient_variance,
+    sds_gradient,
+    stein_gradient,
+)
+
+ESTIMATORS = ("ssd", "sds")
+WEIGHTINGS = ("sds", "uniform")
+RESIZE_RENDER = ("image", "render")
+
+
+@dataclass
+class DistillationConfig:
+    """Settings of :class:`ScoreDistillation`.
+
+    Attributes:
+        estimator: ``"ssd"`` (Stein score distillation) or ``"sds"``.
+        include_constant: SSD also uses the constant baseline (``h_0 = eps``), each control variate
+            with its own weight; ``False`` with one baseline is the paper's single-baseline form.
+        mu_shape: ``"scalar"``, ``"channel"`` or ``"pixel"`` weights (``ControlVariateWeight``).
+        mu_mode: ``"optimal"`` (least squares from running moments of earlier steps; needs no
+            optimiser) or ``"learned"`` (the paper: ``loss_mu`` for the caller's optimiser).
+        mu_init: initial weights: a number or one per control variate; default ``[1, 0, ..]``
+            (SDS when the constant comes first).
+        mu_t_bins: separate weights for this many equal-width bins of ``t`` (``None``: one set).
+        mu_ema: decay of the ``optimal`` running moments per update of a bin.
+        guidance_scale: ``s`` in ``eps_u + s (eps_c - eps_u)`` (threestudio's ``guidance_scale``
+            is ``s - 1``).
+        weighting: ``"sds"`` (``w = sigma^2 / (alpha^2 + sigma^2)``) or ``"uniform"`` (``w = 1``).
+        grad_clip: clip ``grad`` element-wise to ``[-c, c]`` after ``nan_to_num`` (``None``: off).
+        resize_render: ``"image"`` resizes the render outputs to the decoded image (default),
+            ``"render"`` resizes the decoded image (differentiably) to the render's resolution.
+        stats_ema: decay of the running second moments behind ``var_proxy_ratio``.
+    """
+
+    estimator: str = "ssd"
+    include_constant: bool = True
+    mu_shape: str = "scalar"
+    mu_mode: str = "optimal"
+    mu_init: float | list[float] | None = None
+    mu_t_bins: int | None = None
+    mu_ema: float = 0.99
+    guidance_scale: float = 7.5
+    weighting: str = "sds"
+    grad_clip: float | None = None
+    resize_render: str = "image"
+    stats_ema: float = 0.98
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("estimator", ESTIMATORS),
+            ("weighting", WEIGHTINGS),
+            ("resize_render", RESIZE_RENDER),
+            ("mu_shape", ControlVariateWeight.SHAPES),
+            ("mu_mode", ControlVariateWeight.MODES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"DistillationConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"DistillationConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if not 0.0 <= self.stats_ema < 1.0:
+            raise ValueError(f"DistillationConfig.stats_ema must be in [0, 1), got {self.stats_ema!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DistillationConfig:
+        """Build from a mapping (e.g. a YAML section); an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DistillationConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(values))
+
+
+@dataclass
+class DistillationOutput:
+    """One step's result.
+
+    ``loss``: the target-trick loss to add to the 3-D model's loss (its gradient w.r.t. ``x0`` is
+    ``grad / B``). ``loss_mu``: the ``learned`` weights' loss (``None`` otherwise), to be stepped by
+    the optimiser that holds ``ScoreDistillation.parameters()``. ``grad``: ``[B, C, h, w]`` detached,
+    after ``nan_to_num`` and clipping. ``t``: ``[B]``. ``stats``: python floats for logging.
+    """
+
+    loss: Float[Tensor, ""]
+    loss_mu: Float[Tensor, ""] | None
+    grad: Float[Tensor, "B C h w"]
+    t: Float[Tensor, " B"]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class VarianceEstimate:
+    """``K`` gradient draws at one render, SSD and SDS on the SAME ``(t, eps)`` draws.
+
+    ``ssd``, ``sds``: ``[K, C, h, w]`` (unclipped, ``nan_to_num``); ``t``: ``[K]``;
+    ``var_ssd``, ``var_sds``: ``gradient_variance`` (trace of the covariance); ``ratio``:
+    ``var_ssd / var_sds``; ``n_fallback``: baseline evaluations that fell back to the constant.
+    For ``estimator="sds"`` the two sets of samples are identical.
+    """
+
+    ssd: Tensor
+    sds: Tensor
+    t: Tensor
+    var_ssd: float
+    var_sds: float
+    ratio: float
+    n_fallback: int
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """Plain container: what it holds is invisible to ``nn.Module`` (state dict, parameters)."""
+
+    score_model: ScoreModel
+    baselines: tuple[Baseline, ...]
+    names: tuple[str, ...]
+
+
+@dataclass
+class _Step:
+    grad: Tensor  # raw stein_gradient
+    sds: Tensor  # w (eps_hat - eps) on the same noise
+    eps_hat: Tensor
+    cvs: Tensor
+    weight: Tensor
+    phis: Tensor | None  # [B, K] (the evaluated values; placeholders where invalid)
+    valid: Tensor | None  # [B, K] as the baselines reported
+    fallback: Tensor | None  # [B, K] replaced by the constant (invalid or non-finite)
+
+
+class ScoreDistillation(nn.Module):
+    """SSD / SDS gradients for renders, from a frozen ``ScoreModel`` and a set of baselines.
+
+    Args:
+        score_model: the frozen prior (``StableDiffusionScoreModel``, ``LCSSPriorScoreModel``, ...).
+        baselines: baseline functions ``phi(image, render)`` for SSD (``build_baseline``); ignored
+            entries are not allowed: with ``estimator="sds"`` pass none.
+        config: a :class:`DistillationConfig` or a mapping of its fields; ``overrides`` replace
+            single fields.
+    """
+
+    def __init__(
+        self,
+        score_model: ScoreModel,
+        baselines: Sequence[Baseline] | None = None,
+        config: DistillationConfig | Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(score_model, ScoreModel):
+            raise TypeError(f"score_model must be a ScoreModel, got {type(score_model).__name__}")
+        if config is None:
+            config = DistillationConfig()
+        elif isinstance(config, Mapping):
+            config = DistillationConfig.from_dict(config)
+        if overrides:
+            config = DistillationConfig.from_dict({**dataclasses.asdict(config), **overrides})
+        self.config = config
+        baselines = tuple(baselines or ())
+        for b in baselines:
+            if not isinstance(b, Baseline):
+                raise TypeError(
+                    f"baselines must be Baseline instances (build_baseline), got {type(b).__name__}"
+                )
+        if config.estimator == "sds" and baselines:
+            raise ValueError(
+                f"estimator='sds' uses no baselines, got {[b.name for b in baselines]}; use estimator='ssd'"
+            )
+        if config.estimator == "ssd":
+            if not baselines and not config.include_constant:
+                raise ValueError("estimator='ssd' with include_constant=False needs at least one baseline")
+            if config.include_constant and any(isinstance(b, ConstantBaseline) for b in baselines):
+                raise ValueError(
+                    "the constant baseline is already included (include_constant=True); remove 'constant' "
+                    "from the baselines or set include_constant=False"
+                )
+        names = _unique_names([b.name or type(b).__name__ for b in baselines])
+        self._frozen = _Frozen(score_model, baselines, names)
+        self.mu: ControlVariateWeight | None = None
+        if config.estimator == "ssd":
+            self.mu = ControlVariateWeight(
+                n_cv=len(baselines) + int(config.include_constant),
+                shape=config.mu_shape,
+                channels=score_model.channels,
+                resolution=score_model.resolution,
+                mode=config.mu_mode,
+                init=config.mu_init,
+                t_bins=config.mu_t_bins,
+                ema=config.mu_ema,
+            )
+        self._moments = {"steps": 0, "grad_sq": 0.0, "sds_sq": 0.0}
+
+    # -- accessors -----------------------------------------------------------------------------
+
+    @property
+    def score_model(self) -> ScoreModel:
+        return self._frozen.score_model
+
+    @property
+    def baselines(self) -> tuple[Baseline, ...]:
+        return self._frozen.baselines
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        return self._frozen.names
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"estimator={c.estimator!r}, score_model={type(self.score_model).__name__}, "
+            f"baselines={list(self.baseline_names)}, include_constant={c.include_constant}"
+        )
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        rgb: Float[Tensor, "B 3 H W"],
+        cond: Any,
+        render: RenderOutputs | None = None,
+        t_range: tuple[float, float] = (0.02, 0.98),
+        generator: torch.Generator | None = None,
+        rgb_as_latents: bool = False,
+        update_mu: bool = True,
+    ) -> DistillationOutput:
+        """One distillation step (module docstring). ``rgb`` in ``[0, 1]`` carries the gradient to
+        the 3-D parameters; with ``rgb_as_latents`` it is already ``x0`` in model space (resized to
+        the model's resolution). ``cond`` is the score model's conditioning for this batch;
+        ``render`` (SSD with baselines) the rendered depth/opacity/... of the same views.
+        ``update_mu=False`` leaves ``mu`` untouched (evaluation)."""
+        cfg = self.config
+        x0 = self._model_input(rgb, rgb_as_latents)
+        batch = x0.shape[0]
+        t = self._sample_t(batch, t_range, generator, x0)
+        eps = _randn(x0.shape, generator, x0)
+        step = self._step(x0.detach(), t, eps, cond, render)
+        grad = torch.nan_to_num(step.grad)
+        if cfg.grad_clip is not None:
+            grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
+        loss_mu = None
+        if self.mu is not None and update_mu:
+            if cfg.mu_mode == "learned":
+                loss_mu = self.mu.loss(step.eps_hat, step.cvs, step.weight, t)
+            else:
+                self.mu.update(step.eps_hat, step.cvs, step.weight, t)
+        target = (x0 - grad).detach()
+        loss = 0.5 * (x0 - target).pow(2).sum() / batch
+        stats = self._stats(grad, step, update_mu)
+        return DistillationOutput(loss=loss, loss_mu=loss_mu, grad=grad.detach(), t=t, stats=stats)
+
+    @torch.no_grad()
+    def estimate_variance(
+        self,
+        rgb: Float[Tensor, "1 3 H W"],
+        cond: Any,
+        render: RenderOutputs | None = None,
+        n_draws: int = 64,
+        t: float | None = None,
+        generator: torch.Generator | None = None,
+        t_range: tuple[float, float] = (0.02, 0.98),
+        batch_size: int = 8,
+        rgb_as_latents: bool = False,
+    ) -> VarianceEstimate:
+        """``n_draws`` independent ``(t, eps)`` at ONE render (``rgb`` of batch 1, its ``cond`` and
+        ``render``), SSD (current ``mu``, never updated here) and SDS on the same draws.
+
+        ``t=None`` draws ``t ~ U[t_range]``; a number fixes it. ``x0 = encode(rgb)`` is computed
+        once (a sampling VAE draws its latent once: the render is fixed). Draws are evaluated
+        ``batch_size`` at a time (``score_model.repeat_cond`` repeats ``cond``). The samples are not
+        clipped: this is the variance of the estimator itself.
+        """
+        if n_draws < 2:
+            raise ValueError(f"n_draws must be >= 2 to estimate a variance, got {n_draws}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x0 = self._model_input(rgb, rgb_as_latents).detach()
+        if x0.shape[0] != 1:
+            raise ValueError(f"estimate_variance takes one render (batch 1), got a batch of {x0.shape[0]}")
+        if t is not None and not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"t must be None or in [0, 1], got {t}")
+        # all draws up front, so that they do not depend on batch_size
+        if t is None:
+            ts = self._sample_t(n_draws, t_range, generator, x0)
+        else:
+            ts = torch.full((n_draws,), float(t), device=x0.device, dtype=x0.dtype)
+        noise = _randn((n_draws, *x0.shape[1:]), generator, x0)
+        ssd, sds, n_fallback = [], [], 0
+        for start in range(0, n_draws, batch_size):
+            tn, eps = ts[start : start + batch_size], noise[start : start + batch_size]
+            n = tn.shape[0]
+            step = self._step(x0.expand(n, *x0.shape[1:]), tn, eps, self._repeat_cond(cond, n), render)
+            ssd.append(torch.nan_to_num(step.grad))
+            sds.append(torch.nan_to_num(step.sds))
+            n_fallback += 0 if step.fallback is None else int(step.fallback.sum())
+        ssd_t, sds_t = torch.cat(ssd), torch.cat(sds)
+        var_ssd, var_sds = gradient_variance(ssd_t).item(), gradient_variance(sds_t).item()
+        return VarianceEstimate(
+            ssd=ssd_t,
+            sds=sds_t,
+            t=ts,
+            var_ssd=var_ssd,
+            var_sds=var_sds,
+            ratio=var_ssd / var_sds if var_sds > 0 else math.nan,
+            n_fallback=n_fallback,
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _model_input(self, rgb: Tensor, rgb_as_latents: bool) -> Tensor:
+        sm = self.score_model
+        if not rgb_as_latents:
+            return sm.encode(rgb)
+        if rgb.ndim != 4 or rgb.shape[1] != sm.channels:
+            raise ValueError(
+                f"rgb_as_latents expects x0 of shape [B, {sm.channels}, h, w] in model space, got {tuple(rgb.shape)}"
+            )
+        return resize_image(rgb, sm.resolution)
+
+    @staticmethod
+    def _sample_t(
+        batch: int, t_range: Sequence[float], generator: torch.Generator | None, like: Tensor
+    ) -> Tensor:
+        lo, hi = (float(v) for v in t_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"t_range must satisfy 0 <= min_t <= max_t <= 1, got {tuple(t_range)}")
+        u = torch.rand(batch, generator=generator, device=_device(generator, like))
+        return (lo + (hi - lo) * u).to(device=like.device, dtype=like.dtype)
+
+    def _repeat_cond(self, cond: Any, n: int) -> Any:
+        if n == 1:
+            return cond
+        try:
+            repeat = self.score_model.repeat_cond
+        except AttributeError:
+            raise TypeError(
+                f"{type(self.score_model).__name__} has no repeat_cond(cond, n); implement it or use "
+                "estimate_variance(..., batch_size=1)"
+            ) from None
+        return repeat(cond, n)
+
+    def _step(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any, render: RenderOutputs | None) -> _Step:
+        """Everything of a step that does not touch ``mu``'s state: returns the raw SSD (or SDS)
+        gradient, the SDS gradient on the same noise, and what ``mu`` is fitted from."""
+        sm = self.score_model
+        with torch.no_grad():
+            x_t = sm.add_noise(x0, eps, t)
+            eps_hat = sm.eps(x_t, t, cond, self.config.guidance_scale)
+            weight = sm.weight(t) if self.config.weighting == "sds" else torch.ones_like(t)
+        phis = valid = fallback = None
+        if self.config.estimator == "sds" or not self.baselines:
+            cvs = eps[:, None]
+        else:
+            phis, grads, valid = self._evaluate_baselines(x_t, render)
+            cvs, fallback = control_variates(
+                eps, phis, grads, sm.sigma(t), self.config.include_constant, valid, return_fallback=True
+            )
+        mu = (
+            self.mu(t)
+            if self.mu is not None
+            else torch.ones(t.shape[0], 1, dtype=eps.dtype, device=eps.device)
+        )
+        grad = stein_gradient(eps_hat, cvs, weight, mu)
+        sds = sds_gradient(eps_hat, eps, weight)
+        return _Step(grad, sds, eps_hat, cvs, weight, phis, valid, fallback)
+
+    def _evaluate_baselines(self, x_t: Tensor, render: RenderOutputs | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``phi_k(x_t)`` of every baseline on one shared decode, their exact gradients w.r.t.
+        ``x_t`` and validity: ``([B, K], [B, K, *x_t.shape[1:]], [B, K] bool)``."""
+        if render is None:
+            raise ValueError(
+                f"SSD with baselines {list(self.baseline_names)} needs the render outputs (render=None)"
+            )
+        batch = x_t.shape[0]
+        render = render.detached().expand(batch) if render.batch_size != batch else render.detached()
+        sm, baselines, policy = self.score_model, self.baselines, self.config.resize_render
+        validity: list[Tensor] = []
+
+        def phi_fn(x: Tensor) -> Tensor:
+            image = sm.decode(x)
+            if policy == "image":
+                r = render.resized(*image.shape[-2:])
+            else:
+                image, r = resize_image(image, render.resolution), render
+            outs = [b(image, r) for b in baselines]
+            validity.append(torch.stack([o.valid.to(torch.bool) for o in outs], dim=1))
+            return torch.stack([o.phi for o in outs], dim=1)
+
+        phis, grads = baseline_value_and_grad(phi_fn, x_t, n_baselines=len(baselines))
+        return phis, grads, validity[-1]
+
+    def _stats(self, grad: Tensor, step: _Step, update: bool) -> dict[str, float]:
+        """Logging numbers; the running second moments advance only when ``update``."""
+        stats: dict[str, float] = {"grad_norm": grad.norm().item()}
+        if step.phis is not None:
+            ok = ~step.fallback
+            for k, name in enumerate(self.baseline_names):
+                n_ok = ok[:, k].sum()
+                mean = (step.phis[:, k] * ok[:, k]).sum() / n_ok if n_ok > 0 else torch.tensor(math.nan)
+                stats[f"phi_mean/{name}"] = mean.item()
+                stats[f"valid_frac/{name}"] = ok[:, k].float().mean().item()
+            if "depth" in self.baseline_names:
+                stats["depth_corr"] = 1.0 - stats["phi_mean/depth"]
+            stats["n_fallback"] = float(step.fallback.sum().item())
+        else:
+            stats["n_fallback"] = 0.0
+        if self.mu is not None:
+            stats.update({f"mu/{k}": v for k, v in self.mu.statistics().items()})
+        # Online variance proxy: SSD and SDS have the same mean at every render, so
+        # E||g||^2 - E||g_sds||^2 = Var(g) - Var(g_sds); the ratio of second moments lies between
+        # the variance ratio and 1 (the squared mean is in both), so it understates any change.
+        grad_sq = torch.nan_to_num(step.grad).flatten(1).pow(2).sum(1).mean().item()
+        sds_sq = torch.nan_to_num(step.sds).flatten(1).pow(2).sum(1).mean().item()
+        m = self._moments
+        if update:
+            decay = self.config.stats_ema
+            m["steps"] += 1
+            m["grad_sq"] = decay * m["grad_sq"] + (1 - decay) * grad_sq
+            m["sds_sq"] = decay * m["sds_sq"] + (1 - decay) * sds_sq
+        stats["grad_sq"], stats["grad_sq_sds"] = grad_sq, sds_sq
+        if m["steps"] > 0:
+            correction = 1 - self.config.stats_ema ** m["steps"]  # Adam-style bias correction
+            ema_g, ema_s = m["grad_sq"] / correction, m["sds_sq"] / correction
+            stats["var_proxy_diff"] = ema_g - ema_s
+            stats["var_proxy_ratio"] = ema_g / ema_s if ema_s > 0 else math.nan
+        return stats
+
+
+def _unique_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Baseline names for logging, suffixed ``_1``, ``_2``, ... where one repeats."""
+    out, seen = [], {}
+    for name in names:
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}_{seen[name]}"
+        out.append(name)
+    return tuple(out)
+
+
+def _device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard normal noise from ``generator`` (on its device), moved to ``like``'s device/dtype."""
+    return torch.randn(tuple(shape), generator=generator, device=_device(generator, like)).to(
+        device=like.device, dtype=like.dtype
+    )
