@@ -134,9 +134,18 @@ def test_ssd_with_initial_weights_is_sds_then_moves_away(prior, depth):
     assert out.stats["n_fallback"] == 0.0 and math.isfinite(out.stats["phi_mean/depth"])
     assert out.stats["depth_corr"] == pytest.approx(1.0 - out.stats["phi_mean/depth"])
     assert out.stats["mu/mu1_mean"] != 0.0  # the update moved the depth weight
+    # variance proxy: after one step the bias-corrected EMAs are that step's second moments
+    assert out.stats["grad_sq"] == out.stats["grad_sq_sds"] > 0
+    assert out.stats["var_proxy_diff"] == pytest.approx(0.0, abs=1e-9) and out.stats["var_proxy_ratio"] == 1.0
     # with the refit weights the same draws give a different gradient
     again = ssd(rgb, LABELS, render, generator=gen(5))
     assert (again.grad - ref.grad).abs().max() > 1e-6
+    d = 0.98  # stats_ema: bias-corrected EMA over the two steps
+    ema = (d * (1 - d) * out.stats["grad_sq"] + (1 - d) * again.stats["grad_sq"]) / (1 - d**2)
+    ema_sds = (d * (1 - d) * out.stats["grad_sq_sds"] + (1 - d) * again.stats["grad_sq_sds"]) / (1 - d**2)
+    assert again.stats["var_proxy_ratio"] == pytest.approx(ema / ema_sds, rel=1e-9)
+    frozen = ssd(rgb, LABELS, render, generator=gen(6), update_mu=False)  # evaluation: no EMA step
+    assert frozen.stats["var_proxy_ratio"] == pytest.approx(again.stats["var_proxy_ratio"], rel=1e-12)
 
 
 def test_loss_gradient_is_grad_over_batch_through_the_encoder(sd):
