@@ -221,7 +221,7 @@ def fid_kid_between_folders(
     feats = []
     for folder in (folder_a, folder_b):
         dataset = ImageFolderDataset(folder, resolution, channels=channels, class_from_subfolder=False)
-        images, _ = _stack_dataset(dataset, None, progress=False)
+        images, _ = stack_dataset(dataset, None, progress=False)
         feats.append(extract_features(images, extractor, batch_size))
     feats_a, feats_b = feats
     kid_mean, kid_std = kid_from_features(feats_a, feats_b, kid_subsets, kid_subset_size, seed)
@@ -351,7 +351,11 @@ class FeatureClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-def _stack_dataset(dataset: Any, max_items: int | None, progress: bool) -> tuple[Tensor, Tensor]:
+def stack_dataset(
+    dataset: Any, max_items: int | None = None, progress: bool = False
+) -> tuple[Float[Tensor, "N C H W"], Int[Tensor, " N"]]:
+    """The first ``max_items`` (default all) items of a data set of ``{"image", "label"}`` dicts as
+    one image tensor and one label tensor."""
     n = len(dataset) if max_items is None else min(len(dataset), int(max_items))
     if n == 0:
         raise ValueError("the data set is empty")
@@ -404,7 +408,7 @@ def train_feature_extractor(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     generator = torch.Generator().manual_seed(int(seed))
-    images, labels = _stack_dataset(dataset, max_items, progress)
+    images, labels = stack_dataset(dataset, max_items, progress)
     captions = list(getattr(dataset, "captions", []) or [])
     num_classes = max(len(captions), int(labels.max()) + 1)
     channels = int(getattr(dataset, "channels", images.shape[1]))
@@ -429,7 +433,7 @@ def train_feature_extractor(
     classifier.eval()
     metrics = {"train_accuracy": classifier_accuracy(classifier, images, labels)[0]}
     if eval_dataset is not None:
-        eval_images, eval_labels = _stack_dataset(eval_dataset, None, progress)
+        eval_images, eval_labels = stack_dataset(eval_dataset, None, progress)
         metrics["eval_accuracy"] = classifier_accuracy(classifier, eval_images, eval_labels)[0]
     classifier.metrics = metrics
     classifier.captions = captions
@@ -491,3 +495,15 @@ def load_feature_extractor(path: str | os.PathLike, device: str | torch.device =
     classifier.requires_grad_(False)
     classifier.eval()
     return classifier.to(device)
+
+
+def load_extractor(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> FeatureClassifier | InceptionFeatures:
+    """A feature extractor from a local file: a classifier saved by ``train_feature_extractor``
+    (recognised by its format tag) or, otherwise, torchvision Inception-v3 weights."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"feature extractor file {path} does not exist")
+    if is_feature_classifier_file(path):
+        return load_feature_extractor(path, device)
+    return load_inception(path, device)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -479,8 +480,24 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def cli_error(command: str, error: Exception) -> NoReturn:
+    """Print ``lcss-prior <command>: error: <message>`` to stderr and exit with status 2 (the
+    convention of ``lcss_prior.cli``), for user errors (bad caption, path, method, ...)."""
+    message = error.args[0] if len(error.args) == 1 else str(error)
+    print(f"lcss-prior {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from error
+
+
 def cli_main(args: argparse.Namespace) -> Path:
-    """Run ``lcss-prior sample``: load the prior, sample, write the PNG grid."""
+    """Run ``lcss-prior sample``: load the prior, sample, write the PNG grid. User errors (unknown
+    caption or method, missing prior, ...) exit with status 2 and a message (``cli_error``)."""
+    try:
+        return _sample_command(args)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        cli_error("sample", e)
+
+
+def _sample_command(args: argparse.Namespace) -> Path:
     from lcss_prior.export import load_prior
 
     get_sampler(args.method)
@@ -495,9 +512,7 @@ def cli_main(args: argparse.Namespace) -> Path:
         method_kwargs["solver"] = args.solver
     if args.snr is not None:
         method_kwargs["snr"] = args.snr
-    prior = load_prior(args.prior)
-    if hasattr(prior, "to"):
-        prior = prior.to(args.device)
+    prior = load_prior(args.prior, device=args.device)
     images = sample_prior(
         prior,
         conditions,

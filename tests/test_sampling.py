@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import numpy as np
 import pytest
@@ -272,14 +273,32 @@ def test_cli_sample_writes_grid(tiny_prior_dir, tmp_path, capsys):
     assert "wrote 4 samples" in capsys.readouterr().out
 
 
-def test_cli_sample_errors(tiny_prior_dir, tmp_path):
-    with pytest.raises(KeyError, match="unknown caption 'a red cube'.*digit zero"):
-        cli_main(_cli_args("--prior", str(tiny_prior_dir), "--caption", "a red cube", "--steps", "2"))
-    with pytest.raises(KeyError, match="unknown sampling method 'ddim'"):
-        cli_main(_cli_args("--prior", str(tiny_prior_dir), "--method", "ddim"))
-    with pytest.raises(ValueError, match="does not exist"):
-        cli_main(_cli_args("--prior", str(tmp_path / "missing"), "--steps", "2"))
-    with pytest.raises(ValueError, match="not both"):
-        cli_main(_cli_args("--prior", str(tiny_prior_dir), "--caption", "digit one", "--label", "1"))
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--caption", "a red cube"],
+            r"unknown caption 'a red cube'; this prior knows:\n  0: digit zero\n  1: digit one",
+        ),
+        (["--method", "ddim"], "unknown sampling method 'ddim'"),
+        (["--caption", "digit one", "--label", "1"], "not both"),
+        (["--label", "7"], r"label 7 out of range \[0, 2\)"),
+    ],
+)
+def test_cli_sample_errors(tiny_prior_dir, tmp_path, capsys, argv, message):
+    args = _cli_args("--prior", str(tiny_prior_dir), "--steps", "2", "--out", str(tmp_path / "g.png"), *argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lcss-prior sample: error: ") and re.search(message, err), err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_sample_missing_prior_and_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(_cli_args("--prior", str(tmp_path / "missing")))
+    err = capsys.readouterr().err
+    assert err.startswith("lcss-prior sample: error: ") and "missing does not exist" in err, err
     with pytest.raises(SystemExit):
         _cli_args("--caption", "digit one")  # --prior is required
