@@ -44,6 +44,9 @@ from torch import Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``score_fn(x [B, ...], t [B]) -> grad_x log p_t(x) [B, ...]``."""
 
+SIM_METHODS = ("heun", "euler")
+"""Forward-simulation schemes of ``SDE.simulate_marginal`` (stochastic Heun, Euler-Maruyama)."""
+
 SDES: dict[str, type[SDE]] = {}
 """Registry: SDE name -> class (filled by ``register_sde``)."""
 
@@ -131,11 +134,17 @@ class SDE(abc.ABC):
     is_affine: bool = False
     """True iff the transition kernel is ``N(alpha(t) x0, std(t)^2 I)`` (``marginal_prob`` exists)."""
 
-    def __init__(self, t_eps: float = 1e-3, sim_steps: int = 200) -> None:
+    def __init__(self, t_eps: float = 1e-3, sim_steps: int = 200, sim_method: str = "heun") -> None:
         self.t_eps = _check_t_eps(t_eps)
         if int(sim_steps) != sim_steps or sim_steps < 1:
             raise ValueError(f"sim_steps must be a positive integer, got {sim_steps!r}")
         self.sim_steps = int(sim_steps)
+        if sim_method not in SIM_METHODS:
+            raise ValueError(f"unknown sim_method {sim_method!r}; choose one of {list(SIM_METHODS)}")
+        self.sim_method = sim_method
+
+    def _sim_config(self) -> dict[str, Any]:
+        return {"t_eps": self.t_eps, "sim_steps": self.sim_steps, "sim_method": self.sim_method}
 
     # ----- the process ---------------------------------------------------------------------------
     @property
@@ -189,7 +198,7 @@ class SDE(abc.ABC):
         """Draw ``x_t ~ p_{0t}(. | x0)`` per sample.
 
         Affine: ``x_t = alpha(t) x0 + std(t) eps`` in closed form, returns ``(x_t, eps)``.
-        Otherwise: ``simulate_marginal`` (Euler-Maruyama, ``sim_steps`` steps), returns ``(x_t, None)``.
+        Otherwise: ``simulate_marginal`` (``sim_method``, ``sim_steps`` steps), returns ``(x_t, None)``.
         """
         if self.is_affine:
             mean, std = self.marginal_prob(x0, t)
@@ -203,29 +212,44 @@ class SDE(abc.ABC):
         t: Float[Tensor, " B"],
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        method: str | None = None,
     ) -> Float[Tensor, "B ..."]:
-        """Euler-Maruyama simulation of the forward SDE from ``0`` to ``t_i`` for each sample::
+        """Simulate the forward SDE from ``0`` to ``t_i`` for each sample, each on its own uniform
+        grid of ``steps`` steps ``dtau = t_i / steps`` (so all samples run in one batch).
 
-            x <- x + f(x, tau_mid) dtau + g(tau_mid) sqrt(dtau) z,   dtau = t_i / steps
+        With ``dW = sqrt(dtau) z`` and the noise increment ``n = g(tau + dtau/2) dW`` (midpoint in
+        time: ``sum g^2 dtau`` is then a second-order rule for ``int g^2``)::
 
-        with each sample on its own uniform grid of ``steps`` steps (so all run in one batch) and the
-        coefficients taken at the step's midpoint time ``tau_mid`` (for a time-dependent ``g`` this
-        makes the noise variance ``sum g^2 dtau`` a midpoint rule for ``int g^2``: second order in
-        ``dtau`` where the left point is first order). Works for every SDE; the only way to get
-        ``x_t`` for a non-affine one. ``steps`` defaults to ``sim_steps``; the weak error is
-        ``O(max_i t_i / steps)`` (from the state dependence of ``f``).
+            "euler" (Euler-Maruyama):  x <- x + f(x, tau + dtau/2) dtau + n
+            "heun"  (stochastic Heun): x' = x + f(x, tau) dtau + n
+                                       x <- x + 0.5 (f(x, tau) + f(x', tau + dtau)) dtau + n
+
+        For additive noise (every SDE here: ``g`` depends on ``t`` only) Euler-Maruyama has weak
+        order 1 and Heun weak order 2. Measured on ``TanhSDE`` at ``t = 1`` (tests/test_sde.py):
+        with 400 steps Euler-Maruyama overestimates ``E x^2`` by about 2 %, Heun is within Monte-Carlo
+        error; for an OU process of rate ``r`` the stationary variance is off by ``r dtau / 2``
+        (Euler) against ``(r dtau)^2 / 4`` (Heun). Works for every SDE; the only way to get ``x_t``
+        for a non-affine one. ``steps``/``method`` default to ``sim_steps``/``sim_method``.
         """
         steps = self.sim_steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        method = self.sim_method if method is None else method
+        if method not in SIM_METHODS:
+            raise ValueError(f"unknown simulation method {method!r}; choose one of {list(SIM_METHODS)}")
         t = _check_time(t, x0)
         dt = t / steps
-        sqrt_dt = per_sample(dt.sqrt(), x0)
+        dt_x = per_sample(dt, x0)
+        sqrt_dt = dt_x.sqrt()
         x = x0.clone()
         for k in range(steps):
-            tau = dt * (k + 0.5)
-            drift, g = self.drift(x, tau), self.diffusion(tau)
-            x = x + drift * per_sample(dt, x0) + per_sample(g, x0) * sqrt_dt * randn_like(x0, generator)
+            noise = per_sample(self.diffusion(dt * (k + 0.5)), x0) * sqrt_dt * randn_like(x0, generator)
+            if method == "euler":
+                x = x + self.drift(x, dt * (k + 0.5)) * dt_x + noise
+            else:
+                f0 = self.drift(x, dt * k)
+                x_pred = x + f0 * dt_x + noise
+                x = x + 0.5 * (f0 + self.drift(x_pred, dt * (k + 1))) * dt_x + noise
         return x
 
     # ----- prior ---------------------------------------------------------------------------------
@@ -341,9 +365,14 @@ class VPSDE(_LinearBeta, SDE):
     is_affine = True
 
     def __init__(
-        self, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3, sim_steps: int = 200
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        t_eps: float = 1e-3,
+        sim_steps: int = 200,
+        sim_method: str = "heun",
     ) -> None:
-        super().__init__(t_eps=t_eps, sim_steps=sim_steps)
+        super().__init__(t_eps=t_eps, sim_steps=sim_steps, sim_method=sim_method)
         self._set_betas(beta_min, beta_max)
 
     def drift(self, x: Float[Tensor, "B ..."], t: Float[Tensor, " B"]) -> Float[Tensor, "B ..."]:
@@ -378,8 +407,7 @@ class VPSDE(_LinearBeta, SDE):
             "name": self.name,
             "beta_min": self.beta_min,
             "beta_max": self.beta_max,
-            "t_eps": self.t_eps,
-            "sim_steps": self.sim_steps,
+            **self._sim_config(),
         }
 
 
@@ -416,9 +444,14 @@ class VESDE(SDE):
     is_affine = True
 
     def __init__(
-        self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_eps: float = 1e-5, sim_steps: int = 200
+        self,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        t_eps: float = 1e-5,
+        sim_steps: int = 200,
+        sim_method: str = "heun",
     ) -> None:
-        super().__init__(t_eps=t_eps, sim_steps=sim_steps)
+        super().__init__(t_eps=t_eps, sim_steps=sim_steps, sim_method=sim_method)
         self.sigma_min = _positive("sigma_min", sigma_min)
         self.sigma_max = _positive("sigma_max", sigma_max)
         if self.sigma_max <= self.sigma_min:
@@ -462,8 +495,7 @@ class VESDE(SDE):
             "name": self.name,
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
-            "t_eps": self.t_eps,
-            "sim_steps": self.sim_steps,
+            **self._sim_config(),
         }
 
 
@@ -514,8 +546,9 @@ class TanhSDE(_LinearBeta, SDE):
         k: float = 1.0,
         t_eps: float = 1e-3,
         sim_steps: int = 200,
+        sim_method: str = "heun",
     ) -> None:
-        super().__init__(t_eps=t_eps, sim_steps=sim_steps)
+        super().__init__(t_eps=t_eps, sim_steps=sim_steps, sim_method=sim_method)
         self._set_betas(beta_min, beta_max)
         self.k = float(k)
         if not (math.isfinite(self.k) and self.k >= 0):
@@ -575,6 +608,5 @@ class TanhSDE(_LinearBeta, SDE):
             "beta_min": self.beta_min,
             "beta_max": self.beta_max,
             "k": self.k,
-            "t_eps": self.t_eps,
-            "sim_steps": self.sim_steps,
+            **self._sim_config(),
         }
