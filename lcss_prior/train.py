@@ -317,8 +317,8 @@ class StepCheckpoint(pl.Callback):
             self._losses = []
             if mean < self.best:
                 self.best = mean
-                trainer.save_checkpoint(self.dirpath / "best.ckpt")
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+                trainer.save_checkpoint(self.dirpath / "best.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

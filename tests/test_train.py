@@ -37,6 +37,7 @@ TINY = [
     "--log-every", "1",
     "--accelerator", "cpu",
     "--devices", "1",
+    "--keep-best",
     "--no-progress",
 ]  # fmt: skip
 STEPS = 4
@@ -122,6 +123,8 @@ def test_derive_seed_separates_streams():
 def test_train_writes_checkpoints_logs_samples_and_a_loadable_prior(runs):
     full = runs["full"]
     assert (full / "checkpoints" / "last.ckpt").is_file()
+    best = state_dict(full / "checkpoints" / "best.ckpt")
+    assert best["global_step"] in (2, 4)  # the checkpoint of the interval with the lowest mean loss
     assert list((full / "tb").glob("events.out.tfevents.*"))
     grids = sorted(p.name for p in (full / "samples").glob("*.png"))
     assert grids == ["step_0000002.png", "step_0000004.png"]
