@@ -274,7 +274,7 @@ class ScoreDistillation(nn.Module):
         ``render`` (SSD with baselines) the rendered depth/opacity/... of the same views.
         ``update_mu=False`` leaves ``mu`` untouched (evaluation)."""
         cfg = self.config
-        x0 = self._model_input(rgb, rgb_as_latents)
+        x0 = self._model_input(rgb, rgb_as_latents, generator)
         batch = x0.shape[0]
         t = self._sample_t(batch, t_range, generator, x0)
         eps = _randn(x0.shape, generator, x0)
@@ -318,7 +318,7 @@ class ScoreDistillation(nn.Module):
             raise ValueError(f"n_draws must be >= 2 to estimate a variance, got {n_draws}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        x0 = self._model_input(rgb, rgb_as_latents).detach()
+        x0 = self._model_input(rgb, rgb_as_latents, generator).detach()
         if x0.shape[0] != 1:
             raise ValueError(f"estimate_variance takes one render (batch 1), got a batch of {x0.shape[0]}")
         if t is not None and not 0.0 <= float(t) <= 1.0:
@@ -351,10 +351,10 @@ class ScoreDistillation(nn.Module):
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _model_input(self, rgb: Tensor, rgb_as_latents: bool) -> Tensor:
+    def _model_input(self, rgb: Tensor, rgb_as_latents: bool, generator: torch.Generator | None) -> Tensor:
         sm = self.score_model
         if not rgb_as_latents:
-            return sm.encode(rgb)
+            return sm.encode(rgb, generator=generator)
         if rgb.ndim != 4 or rgb.shape[1] != sm.channels:
             raise ValueError(
                 f"rgb_as_latents expects x0 of shape [B, {sm.channels}, h, w] in model space, got {tuple(rgb.shape)}"
@@ -372,16 +372,7 @@ class ScoreDistillation(nn.Module):
         return (lo + (hi - lo) * u).to(device=like.device, dtype=like.dtype)
 
     def _repeat_cond(self, cond: Any, n: int) -> Any:
-        if n == 1:
-            return cond
-        try:
-            repeat = self.score_model.repeat_cond
-        except AttributeError:
-            raise TypeError(
-                f"{type(self.score_model).__name__} has no repeat_cond(cond, n); implement it or use "
-                "estimate_variance(..., batch_size=1)"
-            ) from None
-        return repeat(cond, n)
+        return cond if n == 1 else self.score_model.repeat_cond(cond, n)
 
     def _step(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any, render: RenderOutputs | None) -> _Step:
         """Everything of a step that does not touch ``mu``'s state: returns the raw SSD (or SDS)

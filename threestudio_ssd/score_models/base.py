@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -42,8 +43,11 @@ class ScoreModel(nn.Module, abc.ABC):
         """Noise standard deviation of the forward process at ``t``."""
 
     @abc.abstractmethod
-    def encode(self, rgb: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
-        """RGB in ``[0, 1]`` (any size) to model space ``x0``; differentiable."""
+    def encode(
+        self, rgb: Float[Tensor, "B 3 H W"], generator: torch.Generator | None = None
+    ) -> Float[Tensor, "B C h w"]:
+        """RGB in ``[0, 1]`` (any size) to model space ``x0``; differentiable. A stochastic encoder
+        (a VAE posterior draw) takes its randomness from ``generator``; deterministic ones ignore it."""
 
     @abc.abstractmethod
     def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
@@ -54,6 +58,10 @@ class ScoreModel(nn.Module, abc.ABC):
         self, x_t: Float[Tensor, "B C h w"], t: Float[Tensor, " B"], cond: Any, guidance_scale: float
     ) -> Float[Tensor, "B C h w"]:
         """Classifier-free-guided noise prediction, without gradient."""
+
+    @abc.abstractmethod
+    def repeat_cond(self, cond: Any, n: int) -> Any:
+        """The condition of a batch repeated ``n`` times, matching ``x.repeat(n, 1, 1, 1)``."""
 
     def add_noise(
         self, x0: Float[Tensor, "B C h w"], eps: Float[Tensor, "B C h w"], t: Float[Tensor, " B"]

@@ -67,8 +67,10 @@ class LCSSPriorScoreModel(ScoreModel):
         """The prior SDE's noise standard deviation ``sigma(t)``."""
         return self.prior.sigma(t)
 
-    def encode(self, rgb: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
-        """``x0 = 2 * resize(rgb) - 1``: bilinear to the prior's resolution (antialiased when
+    def encode(
+        self, rgb: Float[Tensor, "B 3 H W"], generator: torch.Generator | None = None
+    ) -> Float[Tensor, "B C h w"]:
+        """``x0 = 2 * resize(rgb) - 1`` (deterministic: ``generator`` is unused): bilinear to the prior's resolution (antialiased when
         shrinking), differentiable. A 1-channel prior gets the mean of the RGB channels."""
         if rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"encode expects rgb of shape [B, 3, H, W], got {tuple(rgb.shape)}")
