@@ -401,7 +401,7 @@ def train_feature_extractor(
 ) -> FeatureClassifier:
     """Train a ``FeatureClassifier`` on the labels of ``dataset`` (items ``{"image", "label"}``,
     attributes ``channels``, ``resolution`` and optionally ``captions``) by AdamW on the
-    cross-entropy for ``steps`` minibatch steps (images perturbed by Gaussian noise of std
+    cross-entropy for ``steps`` minibatch steps (cosine learning-rate decay; images perturbed by Gaussian noise of std
     ``noise_augment`` so that slightly noisy samples are still classified). Accuracy on
     ``eval_dataset`` (if given) and on the training data is stored in ``classifier.metrics``; the
     classifier is saved to ``path`` (if given) for ``load_feature_extractor``."""
@@ -416,7 +416,7 @@ def train_feature_extractor(
     torch.manual_seed(int(seed))  # parameter initialisation
     classifier = FeatureClassifier(channels, resolution, num_classes, width, feature_dim)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     classifier.train()
     bar = tqdm(range(steps), desc="training feature classifier", disable=not progress)
     for _ in bar:

@@ -327,6 +327,7 @@ def test_feature_classifier_round_trip_and_errors(digits_classifier, tmp_path):
         load_feature_extractor(tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"images must be \[N, 1, H, W\]"):
         clf.features(torch.zeros(2, 3, 8, 8))
+    assert train_feature_extractor(DigitsDataset("test", 8), steps=3, width=8, progress=False).metrics  # tiny runs
     with pytest.raises(KeyError, match="'image' and 'label'"):
         train_feature_extractor([{"image": torch.zeros(1, 8, 8)}], steps=1, progress=False)
 
