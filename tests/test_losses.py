@@ -138,8 +138,8 @@ def test_lcss_expectation_converges_to_ism_as_smoothing_shrinks():
     small = lcss_loss(net, x, 0.01, generator=_gen(31)).detach() - ism
     m, se = _mean_se(small)
     assert abs(m) < 5 * se, (m, se)
-    # the smoothing bias is real: at s = 1 the same check flags it
-    large = lcss_loss(net, x, 1.0, generator=_gen(31)).detach() - ism
+    # the smoothing bias is real: at s = 2 the same check flags it (measured: +0.029 +- 0.001)
+    large = lcss_loss(net, x, 2.0, generator=_gen(31)).detach() - ism
     m, se = _mean_se(large)
     assert abs(m) > 5 * se, (m, se)
 
@@ -155,7 +155,7 @@ def test_lcss_gradient_aligns_with_the_ism_gradient():
     g_lcss = flat_grad(lcss_loss(net, x, 0.01, generator=_gen(33)).mean())
     cos = float(torch.nn.functional.cosine_similarity(g_lcss, g_ism, dim=0))
     rel = float((g_lcss - g_ism).norm() / g_ism.norm())
-    assert cos > 0.99 and rel < 0.15, (cos, rel)
+    assert cos > 0.999 and rel < 0.05, (cos, rel)  # measured: cos 0.99998, rel 0.009
 
     # WRONG variant (Stein term with the wrong sign): its gradient is flagged
     def wrong(f, y, s, generator):
