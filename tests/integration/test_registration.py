@@ -83,4 +83,5 @@ def test_custom_folder_discovery_registers_each_name_once(threestudio_root):
     assert "already exists" in result["conflict"]
     assert result["n_builtin"] >= 50  # threestudio's own modules all imported on this CPU
     assert "tinycudann" in result["placeholders"] and "nvdiffrast" in result["placeholders"]
+    assert "envlight" not in result["placeholders"]  # the real package wins when it imports
     assert result["device"] == "cpu"
