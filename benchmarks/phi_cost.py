@@ -5,10 +5,11 @@ Measures, side by side in one process, on one batch of 64 px images:
 * ``phi + grad``: ``baseline_value_and_grad`` of the ``depth`` baseline through a DPT depth model
   (the one trained by ``ssd-train-depth``, or a fresh one of the same architecture when no folder is
   given) -- one forward and one backward pass of the estimator;
-* ``unet``: one forward pass (no grad) of a diffusers ``UNet2DModel`` at 64 px with
-  ``block_out_channels=(64, 128, 128)`` and 2 layers per block, a reasonable CPU prior;
+* ``unet``: one forward pass (no grad) of the project's prior network (``lcss_prior.model.build_unet``,
+  a class-conditional diffusers ``UNet2DModel``) at 64 px with ``block_out_channels=(64, 128, 128)``
+  and 2 layers per block (a reasonable CPU prior), and of the ``small`` preset;
 
-and prints their median times and ratio. SSD adds ``phi + grad`` to every guidance step, whose
+timed alternately (so both see the same machine load) and prints median times and ratios. SSD adds ``phi + grad`` to every guidance step, whose
 cost is otherwise one (or, with classifier-free guidance, two batched) prior evaluations.
 
     python benchmarks/phi_cost.py --depth-model /work/artifacts/depth-shapes-64 --threads 1
@@ -23,14 +24,16 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_alternately(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn (one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for k in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if k:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -44,9 +47,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers import UNet2DModel
-
-    from lcss_prior.data.shapes import ShapesDataset
+    from lcss_prior.data.shapes import CAPTIONS, ShapesDataset
+    from lcss_prior.model import build_unet
     from threestudio_ssd.baselines import RenderOutputs, build_baseline
     from threestudio_ssd.depth import load_depth_estimator
     from threestudio_ssd.depth.train import build_model
@@ -69,29 +71,31 @@ def main() -> None:
     def phi_and_grad():
         return baseline_value_and_grad(lambda x: baseline((x + 1) / 2, render).phi, x_t)
 
-    unet = UNet2DModel(
-        sample_size=res,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(64, 128, 128),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    unets = {
+        "unet (64,128,128)x2": build_unet(
+            res, 3, len(CAPTIONS), block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=16
+        ),
+        "unet preset small": build_unet(res, 3, len(CAPTIONS), preset="small"),
+    }
     t = torch.full((b,), 500)
+    labels = torch.zeros(b, dtype=torch.long)
 
-    @torch.no_grad()
-    def unet_forward():
-        return unet(x_t, t).sample
+    def forward(unet):
+        @torch.no_grad()
+        def run():
+            return unet.eval()(x_t, t, class_labels=labels).sample
 
-    phi_s = timed(phi_and_grad, args.repeats)
-    unet_s = timed(unet_forward, args.repeats)
-    n_depth = sum(q.numel() for q in estimator.parameters())
-    n_unet = sum(q.numel() for q in unet.parameters())
-    print(f"batch {b} x 3 x {res} x {res}, torch threads {torch.get_num_threads()}")
-    print(f"depth phi + grad : {phi_s * 1e3:8.1f} ms   (DPT, {n_depth / 1e6:.2f} M parameters)")
-    print(f"UNet forward     : {unet_s * 1e3:8.1f} ms   (UNet2DModel, {n_unet / 1e6:.2f} M parameters)")
-    print(f"ratio phi+grad / UNet forward = {phi_s / unet_s:.2f}")
+        return run
+
+    fns = {"depth phi + grad": phi_and_grad, **{name: forward(u) for name, u in unets.items()}}
+    secs = timed_alternately(fns, args.repeats)
+    sizes = {"depth phi + grad": estimator, **unets}
+    print(f"batch {b} x 3 x {res} x {res}, torch threads {torch.get_num_threads()}, {args.repeats} repeats")
+    for name, s in secs.items():
+        n = sum(q.numel() for q in sizes[name].parameters()) / 1e6
+        print(f"{name:22s}: {s * 1e3:8.1f} ms  ({n:.2f} M parameters)")
+    for name in unets:
+        print(f"ratio phi+grad / {name} forward = {secs['depth phi + grad'] / secs[name]:.2f}")
 
 
 if __name__ == "__main__":

@@ -247,8 +247,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     """The trainer's model and loss actually learn (the model is unfrozen, the head alive)."""
     from threestudio_ssd.depth.train import build_model, render_split, scale_shift_invariant_loss
 
-    data = render_split(4, 32, seed=0, split="train", supersample=1)
-    est = build_model(32, 32, 4, 2, 8, seed=0)
+    data = render_split(2, 32, seed=0, split="train", supersample=1)
+    est = build_model(32, 16, 4, 2, 8, seed=0)
     est.model.requires_grad_(True)
     opt = torch.optim.Adam(est.model.parameters(), lr=1e-3)
     mask = torch.ones_like(data["mask"])
