@@ -327,7 +327,9 @@ def test_feature_classifier_round_trip_and_errors(digits_classifier, tmp_path):
         load_feature_extractor(tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"images must be \[N, 1, H, W\]"):
         clf.features(torch.zeros(2, 3, 8, 8))
-    assert train_feature_extractor(DigitsDataset("test", 8), steps=3, width=8, progress=False).metrics  # tiny runs
+    assert train_feature_extractor(
+        DigitsDataset("test", 8), steps=3, width=8, progress=False
+    ).metrics  # tiny runs
     with pytest.raises(KeyError, match="'image' and 'label'"):
         train_feature_extractor([{"image": torch.zeros(1, 8, 8)}], steps=1, progress=False)
 
@@ -363,6 +365,7 @@ def test_eval_cli_writes_report(digits_prior_dir, tmp_path, capsys):
     assert {"fid", "kid_mean", "kid_std", "accuracy", "accuracy_min_caption", "accuracy_real"} <= set(m)
     assert set(m["accuracy_per_caption"]) == set(DigitsDataset.captions)
     assert m["fid"] > 0 and 0 <= m["accuracy"] <= 1
+    assert m["kid_subset_size"] == 10 and m["kid_std"] > 0
     printed = capsys.readouterr().out
     assert "accuracy_per_caption[digit 7]" in printed and f"wrote {out}" in printed
 
