@@ -224,7 +224,9 @@ def test_shapes_metrics_against_the_renderer(tmp_path, truth):
     expected_fg = -10 * math.log10(offset**2 + 1 / (12 * 255**2))
     assert abs(shapes["psnr_foreground_mean"] - expected_fg) < 0.1
     shifted = torch.roll(truth["mask"], shift, dims=2)
-    expected_iou = ((shifted & truth["mask"]).sum((1, 2)).double() / (shifted | truth["mask"]).sum((1, 2))).mean()
+    expected_iou = (
+        (shifted & truth["mask"]).sum((1, 2)).double() / (shifted | truth["mask"]).sum((1, 2))
+    ).mean()
     assert abs(shapes["iou_mean"] - float(expected_iou)) < 1e-9 and shapes["iou_mean"] < 0.95
 
     # the checks fail on the wrong ground truth: another shape, or other cameras
@@ -402,7 +404,13 @@ def test_mesh_checks_on_known_meshes(tmp_path, capsys):
     main(["mesh", str(path), "--reference", "a red cube", "--n-points", "2000", "--backend", "torch"])
     (result,) = json.loads(capsys.readouterr().out)
     assert result["watertight"] and result["chamfer"]["backend"] == "torch"
-    assert result["chamfer"]["chamfer"] < 4 * 4 * 6 * 0.25 / 2000  # same surface: only sampling bias
+    # same surface: only the sampling floor (A + A) / (pi n); the nearest-sample squared distance
+    # is ~ Exp with std = mean, so each direction's mean has standard error floor / (2 sqrt(n))
+    cd, floor = result["chamfer"]["chamfer"], result["chamfer"]["sampling_floor"]
+    assert floor == pytest.approx(2 * 1.5 / (math.pi * 2000))
+    se = floor / math.sqrt(2 * 2000)
+    assert abs(cd - floor) < 5 * se
+    assert abs(cd - 2 * 1.5 / 2000) > 5 * se  # a floor without the 1/pi would be flagged
     with pytest.raises(FileNotFoundError, match=f"mesh file {tmp_path / 'none.obj'} does not exist"):
         main(["mesh", str(tmp_path / "none.obj")])
     with pytest.raises(ValueError, match="neither a mesh file nor a shapes caption"):

@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     views_dir = find_test_views(args.path, args.step)
     out = Path(args.out) if args.out is not None else views_dir.with_name(views_dir.name + "-eval")
-    paths = write_report(report, views, truth, out, turntable=args.turntable)
+    paths = write_report(report, views, truth, out, turntable=args.turntable, progress=not args.no_progress)
     for key in ("clip", "shapes", "mesh"):
         if isinstance(report.get(key), dict) and "skipped" in report[key]:
             print(f"ssd-eval: {key} skipped: {report[key]['skipped']}", file=sys.stderr)

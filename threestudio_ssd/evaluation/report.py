@@ -224,7 +224,13 @@ def _metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
             if "chamfer" in entry:
-                rows.append((f"Chamfer {name} (mean sq, sum)", fmt(entry["chamfer"]["chamfer"])))
+                cd = entry["chamfer"]
+                rows.append(
+                    (
+                        f"Chamfer {name} (mean sq, sum)",
+                        f"{fmt(cd['chamfer'])} (floor {fmt(cd['sampling_floor'])})",
+                    )
+                )
     return rows
 
 
@@ -279,6 +285,7 @@ def write_report(
     out_dir: str | os.PathLike,
     turntable: str | None = None,
     fps: float = 30.0,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.png`` and optionally ``turntable.<mp4|gif>`` (the RGB
     panels in view order) to ``out_dir``; returns the paths."""
@@ -288,5 +295,7 @@ def write_report(
     paths["json"].write_text(json.dumps(jsonable(report), indent=2) + "\n")
     plot_report(report, views, truth, paths["png"])
     if turntable is not None:
-        paths["turntable"] = make_video(list(views.rgb), out_dir / f"turntable.{turntable}", fps=fps)
+        paths["turntable"] = make_video(
+            list(views.rgb), out_dir / f"turntable.{turntable}", fps=fps, progress=progress
+        )
     return paths
