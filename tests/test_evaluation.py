@@ -10,6 +10,7 @@ import math
 
 import imageio.v3 as iio
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -274,6 +275,13 @@ def test_load_clip_from_a_local_folder_and_file(tmp_path, tiny_clip):
         expected = reference.eval().encode_image(clip.preprocess(images))
     assert torch.allclose(emb, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
 
+    # the tensor preprocessing equals open_clip's own (PIL) transform on an image of the model's size
+    _, _, pil_preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    pixels = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    ours = clip.preprocess(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    theirs = pil_preprocess(PIL.Image.fromarray(pixels))[None]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
     # a weights file for a named model (registered here as real users have ViT-B-32 built in)
     config_file = tmp_path / "tiny-test-clip.json"
     config_file.write_text(json.dumps(TINY_CLIP))
@@ -354,6 +362,17 @@ def test_ssd_eval_run_writes_json_and_png(tmp_path, truth, tiny_clip, capsys):
     assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100
     assert read_video_frames(out / "turntable.gif").shape[0] == N_TEST_VIEWS
     assert "clip skipped" not in capsys.readouterr().err
+
+    # any folder of views (no run config): prompt and cameras from flags
+    plain = tmp_path / "views"
+    plain.mkdir()
+    for i in range(N_TEST_VIEWS):
+        (plain / f"{i}.png").write_bytes((trial / "save" / "it100-test" / f"{i}.png").read_bytes())
+    flags = ["--elevation", "20", "--distance", "1.75", "--fovy", "50", "--n-views", str(N_TEST_VIEWS)]
+    assert main(["run", str(plain), "--prompt", CAPTION, *flags, "--no-progress"]) == 0
+    from_flags = json.loads((tmp_path / "views-eval" / "report.json").read_text())
+    assert from_flags["prompt_source"] == "argument" and from_flags["shapes"]["iou_mean"] == 1.0
+    assert "threestudio default" not in from_flags["shapes"]["cameras"]["source"]
 
     # no CLIP weights: reported and printed as skipped; default output folder beside the views
     assert main(["run", str(trial), "--no-progress"]) == 0

@@ -163,7 +163,6 @@ def _load_feature_extractor(path: str) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from .report import evaluate_run, write_report
-    from .views import find_test_views
 
     clip = None
     if args.clip_weights is not None:
@@ -197,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         chamfer_points=args.chamfer_points,
         progress=not args.no_progress,
     )
-    views_dir = find_test_views(args.path, args.step)
+    views_dir = Path(report["source"]["views_dir"])
     out = Path(args.out) if args.out is not None else views_dir.with_name(views_dir.name + "-eval")
     paths = write_report(report, views, truth, out, turntable=args.turntable, progress=not args.no_progress)
     for key in ("clip", "shapes", "mesh"):

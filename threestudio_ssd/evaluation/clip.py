@@ -117,9 +117,7 @@ def load_clip(
                 "offline; use a CLIP with open_clip's own text tower"
             )
         source = f"local-dir:{path}"
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            source, device=device, require_pretrained=True
-        )
+        model, _, _ = open_clip.create_model_and_transforms(source, device=device, require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(source)
         name = f"{model_name} ({path})"
     elif path.is_file():
@@ -129,7 +127,7 @@ def load_clip(
                 "open_clip.list_models() or give a folder with open_clip_config.json"
             )
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
+            model, _, _ = open_clip.create_model_and_transforms(
                 model_name, pretrained=str(path), device=device, require_pretrained=True
             )
         except RuntimeError as err:
@@ -142,9 +140,11 @@ def load_clip(
             "(--clip-weights); nothing is downloaded"
         )
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-    if "mean" not in cfg:  # older open_clip: read the Normalize transform
-        norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
-        cfg = {"size": model.visual.image_size, "mean": list(norm.mean), "std": list(norm.std)}
+    if not {"mean", "std"} <= set(cfg):
+        raise RuntimeError(
+            f"this open_clip version does not expose model.visual.preprocess_cfg (needs open_clip 3.x); "
+            f"cannot preprocess for {name}"
+        )
     return ClipModel(model, tokenizer, cfg, name).to(device)
 
 
