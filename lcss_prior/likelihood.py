@@ -12,12 +12,13 @@ probes drawn once and held fixed along the trajectory. Because the trajectory do
 the probes and the estimate is linear in ``z z^T``, the Hutchinson log-likelihood is unbiased.
 
 Bits per dimension with uniform dequantisation (derivation in ``docs/measurement.md``): pixel level
-``k in {0..n-1}`` stored as ``x = 2k/(n-1) - 1`` is dequantised to ``x' = 2(k+u)/n - 1``,
-``u ~ U[0,1)^D``. The variable ``v = k + u`` in units of levels has density
-``p_v(v) = p_x(x') (2/n)^D`` (the Jacobian of ``x' = 2v/n - 1``), and by Jensen
+``k in {0..n-1}`` stored as ``x_k = 2k/(n-1) - 1`` (the grid the prior was trained on) is dequantised
+to ``x' = x_k + h (u - 1/2)``, ``h = 2/(n-1)``, ``u ~ U[0,1)^D``: a uniform point of the bin of
+width ``h`` CENTRED on the stored value. The variable ``v = k + u`` in units of levels has density
+``p_v(v) = p_x(x') h^D`` (the Jacobian of ``x' = h v - 1 - h/2``), and by Jensen
 ``log P(k) >= E_u log p_v(k + u)``, so
 
-    bpd = -log p_v / (D ln 2) = -log p_x(x') / (D ln 2) + log2(n / 2)       (+7 bits for n = 256)
+    bpd = -log p_v / (D ln 2) = -log p_x(x') / (D ln 2) + log2((n - 1) / 2)   (6.994 bits, n = 256)
 
 is an upper bound (in expectation over ``u``) on the model's discrete code length.
 """
@@ -203,25 +204,27 @@ def ode_log_likelihood(
 
 
 def bits_per_dim_offset(n_levels: int | None) -> float:
-    """``log2(n / 2)``: the bits/dim offset of uniformly dequantised ``[-1, 1]`` data with ``n``
-    levels (``0`` for continuous data, ``n_levels=None``). See the module docstring."""
+    """``log2((n - 1) / 2)``: the bits/dim offset of ``[-1, 1]`` data on the grid ``2k/(n-1) - 1``
+    dequantised in bins of width ``2/(n-1)`` centred on the grid (``0`` for continuous data,
+    ``n_levels=None``). See the module docstring."""
     if n_levels is None:
         return 0.0
     if int(n_levels) != n_levels or n_levels < 2:
         raise ValueError(f"n_levels must be an integer >= 2 (or None for continuous data), got {n_levels!r}")
-    return math.log2(n_levels / 2.0)
+    return math.log2((n_levels - 1) / 2.0)
 
 
 def dequantize(
     x: Float[Tensor, "B ..."], n_levels: int, generator: torch.Generator | None = None
 ) -> Float[Tensor, "B ..."]:
-    """Level ``k = round((x + 1)(n - 1)/2)`` of ``x = 2k/(n-1) - 1`` to ``x' = 2(k + u)/n - 1``,
-    ``u ~ U[0, 1)`` (a point of ``[-1, 1)`` inside the level's bin)."""
+    """Grid value ``x_k = 2k/(n-1) - 1`` (``k = round((x + 1)(n - 1)/2)``) to
+    ``x' = x_k + (2/(n-1)) (u - 1/2)``, ``u ~ U[0, 1)``: a uniform point of the bin centred on it."""
     if x.min() < -1.0 - 1e-4 or x.max() > 1.0 + 1e-4:
         raise ValueError(f"data must lie in [-1, 1]; got values in [{x.min().item()}, {x.max().item()}]")
     k = torch.round((x.clamp(-1.0, 1.0) + 1.0) * (n_levels - 1) / 2.0)
     u = torch.rand(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
-    return 2.0 * (k + u) / n_levels - 1.0
+    h = 2.0 / (n_levels - 1)
+    return (k + u - 0.5) * h - 1.0
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
@@ -265,7 +268,7 @@ def bits_per_dim(
     """Mean bits/dim over ``data`` and its Monte-Carlo standard error (over data points, one
     dequantisation and one probe set each):
 
-        bpd_i = -log p_{t_eps}(x'_i) / (D ln 2) + log2(n_levels / 2)
+        bpd_i = -log p_{t_eps}(x'_i) / (D ln 2) + log2((n_levels - 1) / 2)
 
     with ``x'_i = dequantize(x_i)`` (no dequantisation and no offset for ``n_levels=None``).
 

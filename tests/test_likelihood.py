@@ -8,7 +8,7 @@
   within a few standard errors of the exact value; probes with ``E[z z^T] != I`` are flagged.
 * The dequantised bits/dim of a discretised Gaussian equal the exact value, summed numerically over
   the levels, within Monte-Carlo error, and sit just above the data's true discrete entropy; an
-  implementation with the offset ``log2(n)`` instead of ``log2(n / 2)`` is flagged.
+  implementation with the offset ``log2(n)`` instead of ``log2((n - 1) / 2)`` is flagged.
 """
 
 from __future__ import annotations
@@ -145,25 +145,27 @@ LEVELS, M1, S1, D1 = 256, 0.1, 0.2, 2
 
 
 def _discretised_gaussian(n_points: int, seed: int) -> torch.Tensor:
-    """Levels k = floor((x + 1) n / 2) of x ~ N(M1, S1^2), stored as 2k/(n-1) - 1 like images."""
+    """Levels k = round((x + 1)(n - 1) / 2) of x ~ N(M1, S1^2) (bins of width 2/(n-1) centred on
+    the grid), stored as 2k/(n-1) - 1 like images."""
     x = M1 + S1 * torch.randn(
         n_points, D1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )
-    k = torch.floor((x + 1) * LEVELS / 2).clamp(0, LEVELS - 1)
+    k = torch.round((x + 1) * (LEVELS - 1) / 2).clamp(0, LEVELS - 1)
     return 2 * k / (LEVELS - 1) - 1
 
 
 def _exact_dequantised_bpd_and_entropy() -> tuple[float, float]:
-    """Per dimension, summed over the levels: E_k E_u[-log2 N(2(k+u)/n - 1; M1, S1^2)] + log2(n/2),
-    and the true discrete entropy -sum_k P(k) log2 P(k)."""
-    edges = 2 * np.arange(LEVELS + 1) / LEVELS - 1.0
+    """Per dimension, summed over the levels: E_k E_u[-log2 N(x_k + h(u - 1/2); M1, S1^2)]
+    + log2((n-1)/2) with h = 2/(n-1), and the true discrete entropy -sum_k P(k) log2 P(k)."""
+    h = 2.0 / (LEVELS - 1)
+    edges = h * (np.arange(LEVELS + 1) - 0.5) - 1.0
     cdf = norm.cdf((edges - M1) / S1)
     cdf[0], cdf[-1] = 0.0, 1.0  # the outer levels take the tails
     p = np.diff(cdf)
-    a, h = edges[:-1] - M1, 2.0 / LEVELS
+    a = edges[:-1] - M1
     # int_0^1 (a + h u)^2 du = a^2 + a h + h^2 / 3
     nats = 0.5 * np.log(2 * np.pi * S1**2) + (a**2 + a * h + h**2 / 3) / (2 * S1**2)
-    bpd = float((p * nats).sum() / np.log(2) + np.log2(LEVELS / 2))
+    bpd = float((p * nats).sum() / np.log(2) + np.log2((LEVELS - 1) / 2))
     entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
     return bpd, entropy
 
@@ -179,9 +181,9 @@ def _gaussian_bpd(n_points: int = 400, seed: int = 0) -> tuple[float, float]:
     )
 
 
-def test_offset_is_log2_half_levels():
-    assert bits_per_dim_offset(256) == 7.0
-    assert bits_per_dim_offset(17) == pytest.approx(math.log2(8.5))
+def test_offset_is_log2_half_the_grid_intervals():
+    assert bits_per_dim_offset(256) == pytest.approx(math.log2(127.5))
+    assert bits_per_dim_offset(17) == 3.0
     assert bits_per_dim_offset(None) == 0.0
     with pytest.raises(ValueError, match="n_levels must be an integer >= 2"):
         bits_per_dim_offset(1)
@@ -215,8 +217,10 @@ def test_dequantize_stays_in_the_level_bin():
     k = torch.arange(17, dtype=torch.float64).repeat(50)
     x = 2 * k / 16 - 1  # the digits grid
     y = dequantize(x, 17, torch.Generator().manual_seed(0))
-    assert torch.equal(torch.floor((y + 1) * 17 / 2), k)  # x' in [2k/n - 1, 2(k+1)/n - 1)
-    assert y.min() >= -1 and y.max() < 1
+    h = 2 / 16
+    assert torch.all((y >= x - h / 2) & (y < x + h / 2))  # the bin of width h centred on x_k
+    assert torch.equal(torch.round((y + 1) / h), k)
+    assert (y - x).abs().max() > 0.4 * h  # the whole bin is used, not a point
     with pytest.raises(ValueError, match=r"data must lie in \[-1, 1\]"):
         dequantize(torch.tensor([0.0, 1.5]), 17)
 
