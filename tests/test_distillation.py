@@ -82,8 +82,16 @@ LABELS = torch.tensor([0, 1])
 
 
 def test_config_errors_name_the_bad_key(prior, depth):
-    with pytest.raises(ValueError, match="DistillationConfig.estimator.*'vsd'"):
-        DistillationConfig(estimator="vsd")
+    with pytest.raises(ValueError, match="DistillationConfig.estimator.*'vds'"):
+        DistillationConfig(estimator="vds")
+    with pytest.raises(ValueError, match="DistillationConfig.vsd_camera_dropout"):
+        DistillationConfig(estimator="vsd", vsd_camera_dropout=1.5)
+    with pytest.raises(ValueError, match="estimator='vsd' uses no baselines"):
+        ScoreDistillation(prior, [depth], estimator="vsd")
+    with pytest.raises(ValueError, match=r"estimator='vsd' needs the cameras: pass c2w"):
+        ScoreDistillation(prior, estimator="vsd")(rand_rgb(2, 8), LABELS)
+    with pytest.raises(ValueError, match=r"c2w must be \[B=2, 4, 4\]"):
+        ScoreDistillation(prior, estimator="vsd")(rand_rgb(2, 8), LABELS, c2w=torch.eye(4).expand(3, 4, 4))
     with pytest.raises(ValueError, match=r"unknown DistillationConfig keys \['mu_sahpe'\]"):
         ScoreDistillation(prior, [depth], {"mu_sahpe": "scalar"})
     with pytest.raises(ValueError, match="estimator='sds' uses no baselines"):
@@ -366,3 +374,128 @@ def test_ssd_mean_equals_sds_mean_on_the_latent_pipeline(sd, depth):
     correct, wrong = z_score(depth), z_score(wrong_baseline)
     assert abs(correct) < 4.0, correct
     assert abs(wrong) > 4.0, wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# VSD: the same step with a trained, camera-conditioned particle model in place of the noise
+# ---------------------------------------------------------------------------------------------
+
+
+def cameras(batch: int) -> torch.Tensor:
+    from lcss_prior.data.shapes import camera_c2w
+
+    return camera_c2w(torch.full((batch,), 15.0), torch.linspace(0, 90, batch), torch.full((batch,), 1.8))
+
+
+def test_vsd_uses_the_sds_draws_and_starts_at_w_times_guided_minus_conditional(prior):
+    """Same generator, same ``t``/``eps`` as SDS. At initialisation the particle model is the prior's
+    conditional network for every camera (zero camera embedding), so, on those draws,
+    ``VSD = w (eps_cfg(s) - eps_cond)`` and ``VSD - SDS = w (eps - eps_cond)``. After one optimiser
+    step on ``loss_vsd_particle`` the identity no longer holds (the particle model trains)."""
+    rgb, c2w, s = rand_rgb(2, 8), cameras(2), 2.5
+    vsd = ScoreDistillation(prior, estimator="vsd", guidance_scale=s)
+    sds = ScoreDistillation(prior, estimator="sds", guidance_scale=s)
+    out = vsd(rgb, LABELS, c2w=c2w, t_range=(0.1, 0.9), generator=gen(40))
+    ref = sds(rgb, LABELS, t_range=(0.1, 0.9), generator=gen(40))
+    torch.testing.assert_close(out.t, ref.t, rtol=0, atol=0)
+    g = gen(40)
+    t = 0.1 + 0.8 * torch.rand(2, generator=g)
+    x0 = prior.encode(rgb)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = prior.add_noise(x0, eps, t)
+    w = prior.weight(t).view(-1, 1, 1, 1)
+    eps_cond = prior.eps(x_t, t, LABELS, 1.0)
+    expected = w * (prior.eps(x_t, t, LABELS, s) - eps_cond)
+    torch.testing.assert_close(out.grad, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.grad - ref.grad, w * (eps - eps_cond), rtol=1e-5, atol=1e-6)
+    assert expected.abs().max() > 1e-3 and out.loss_mu is None
+    assert out.loss.item() == pytest.approx(0.5 * out.grad.pow(2).sum().item() / 2, rel=1e-5)
+    # the particle trains: one step later the same draws give another gradient
+    opt = torch.optim.Adam(vsd.parameters(), lr=1e-2)
+    out.loss_vsd_particle.backward()
+    opt.step()
+    again = vsd(rgb, LABELS, c2w=c2w, t_range=(0.1, 0.9), generator=gen(40))
+    assert (again.grad - expected).abs().max() > 1e-4
+    # the camera may come with the render outputs instead
+    via_render = vsd(
+        rgb,
+        LABELS,
+        RenderOutputs(depth=torch.ones(2, 8, 8), opacity=torch.ones(2, 8, 8), c2w=c2w),
+        t_range=(0.1, 0.9),
+        generator=gen(40),
+        update_mu=False,
+    )
+    torch.testing.assert_close(via_render.grad, again.grad, rtol=0, atol=0)
+    assert via_render.loss_vsd_particle is None  # evaluation: no particle loss
+
+
+def test_vsd_particle_is_state_and_trains_while_the_prior_and_render_stay_apart(prior):
+    vsd = ScoreDistillation(prior, estimator="vsd", guidance_scale=2.0)
+    keys = list(vsd.state_dict())
+    assert keys and all(k.startswith("particle.network.") for k in keys)
+    assert any(".class_embedding.camera." in k for k in keys)
+    assert [n for n, _ in vsd.named_modules()][:2] == ["", "particle"] and vsd.mu is None
+    assert {id(p) for p in vsd.parameters()}.isdisjoint(id(p) for p in prior.parameters())
+    rgb = rand_rgb(2, 8).requires_grad_(True)
+    out = vsd(rgb, LABELS, c2w=cameras(2), generator=gen(41))
+    assert out.loss_vsd_particle is not None and out.loss_vsd_particle.requires_grad
+    assert out.stats["loss_vsd_particle"] == pytest.approx(out.loss_vsd_particle.item())
+    out.loss.backward(retain_graph=True)  # the target trick reaches the render only
+    assert rgb.grad is not None and rgb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vsd.parameters())
+    rgb_grad = rgb.grad.clone()
+    out.loss_vsd_particle.backward()  # the particle loss reaches the particle model only
+    torch.testing.assert_close(rgb.grad, rgb_grad, rtol=0, atol=0)
+    assert all(p.grad is None for p in prior.parameters())
+    with_grad = [n for n, p in vsd.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert "particle.network.unet.conv_out.weight" in with_grad
+    assert "particle.network.unet.class_embedding.camera.net.2.weight" in with_grad
+    # LoRA: the same wiring with only the adapters and the camera MLP trainable
+    lora = ScoreDistillation(prior, estimator="vsd", vsd_lora_rank=2)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or ".camera." in n for n in trainable)
+
+
+def test_vsd_particle_draws_do_not_consume_the_callers_generator(prior):
+    """Training the particle model uses its own generator (``vsd_seed``): after a VSD step the
+    caller's generator is where an SDS step leaves it, so every arm sees the same t/eps stream."""
+    g_vsd, g_sds = gen(42), gen(42)
+    vsd = ScoreDistillation(prior, estimator="vsd")
+    sds = ScoreDistillation(prior, estimator="sds")
+    for _ in range(2):
+        a = vsd(rand_rgb(2, 8), LABELS, c2w=cameras(2), generator=g_vsd)
+        b = sds(rand_rgb(2, 8), LABELS, generator=g_sds)
+        torch.testing.assert_close(a.t, b.t, rtol=0, atol=0)
+    assert torch.equal(g_vsd.get_state(), g_sds.get_state())
+    # the particle loss is reproducible from vsd_seed
+    fresh = ScoreDistillation(prior, estimator="vsd")
+    first = fresh(rand_rgb(2, 8), LABELS, c2w=cameras(2), generator=gen(42)).loss_vsd_particle
+    other = ScoreDistillation(prior, estimator="vsd", vsd_seed=1)
+    assert first.item() == pytest.approx(
+        ScoreDistillation(prior, estimator="vsd")(
+            rand_rgb(2, 8), LABELS, c2w=cameras(2), generator=gen(42)
+        ).loss_vsd_particle.item()
+    )
+    assert (
+        first.item()
+        != other(rand_rgb(2, 8), LABELS, c2w=cameras(2), generator=gen(42)).loss_vsd_particle.item()
+    )
+
+
+def test_vsd_variance_estimate_on_the_sds_draws(prior):
+    """``estimate_variance`` of VSD: the same draws as SDS, the particle model left untrained; at
+    initialisation with guidance 1 the particle model equals the prior, so every draw is 0."""
+    rgb, c2w = rand_rgb(1, 8), cameras(1)
+    vsd = ScoreDistillation(prior, estimator="vsd", guidance_scale=2.0)
+    sds = ScoreDistillation(prior, estimator="sds", guidance_scale=2.0)
+    before = {k: v.clone() for k, v in vsd.state_dict().items()}
+    est = vsd.estimate_variance(rgb, LABELS[:1], c2w=c2w, n_draws=6, generator=gen(43), batch_size=4)
+    ref = sds.estimate_variance(rgb, LABELS[:1], n_draws=6, generator=gen(43), batch_size=4)
+    torch.testing.assert_close(est.sds, ref.sds, rtol=0, atol=0)
+    torch.testing.assert_close(est.t, ref.t, rtol=0, atol=0)
+    assert math.isfinite(est.ratio) and est.ratio == pytest.approx(est.var_ssd / est.var_sds)
+    for k, v in vsd.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    plain = ScoreDistillation(prior, estimator="vsd", guidance_scale=1.0)
+    zero = plain.estimate_variance(rgb, LABELS[:1], c2w=c2w, n_draws=4, generator=gen(43))
+    assert zero.ssd.abs().max() < 1e-5 and zero.sds.abs().max() > 1e-2

@@ -1,5 +1,6 @@
 """One score-distillation step, framework-free: shared by the threestudio guidance, the 2-D
 playground and the benchmarks (pure torch + our modules; no threestudio, no Lightning).
+SDS, SSD and VSD differ in nothing but the term subtracted from ``eps_hat`` in step 3.
 
 Per step, for a render ``rgb`` with gradient to the 3-D parameters (docs/ARCHITECTURE.md):
 
@@ -13,14 +14,19 @@ Per step, for a render ``rgb`` with gradient to the 3-D parameters (docs/ARCHITE
 3. ``grad = w (eps_hat - sum_k mu_k h_k)`` (``stein_gradient``) with ``mu`` from earlier steps
    (detached), so ``E[grad]`` is the SDS mean for every ``mu``; then ``mu`` is refit (``optimal``)
    or its loss returned (``learned``). SDS is the same path with ``h_0 = eps`` alone and ``mu = 1``:
-   exactly ``w (eps_hat - eps)``.
+   exactly ``w (eps_hat - eps)``. VSD (``estimator="vsd"``) is the same path with the particle
+   model's camera-guided prediction in place of the control variates and ``mu = 1``:
+   ``w (eps_hat - eps_hat_particle(x_t; y, c2w))`` (``threestudio_ssd.vsd``); then the particle
+   model's denoising loss on the detached ``x0`` is returned (``loss_vsd_particle``). Unlike SSD,
+   VSD does not have the SDS mean: ``E[eps_hat_particle] != 0`` (a learned, biased control variate).
 4. ``nan_to_num``, optional element-wise clipping, and threestudio's target trick
    ``loss = 0.5 ||x0 - (x0 - grad).detach()||^2 / B`` (sum over elements), whose gradient with
    respect to ``x0`` is ``grad / B``.
 
 The frozen score model and the baselines (which hold the depth network) are kept in a plain,
 non-``Module`` container: they are neither in ``state_dict()`` nor in ``parameters()``, and
-``.to(device)`` does not move them. The only submodule is ``mu`` (``ControlVariateWeight``).
+``.to(device)`` does not move them. The submodules are ``mu`` (``ControlVariateWeight``, SSD) and
+``particle`` (``ParticleScoreModel``, VSD: it trains, so it is state and parameters).
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ from threestudio_ssd.stein import (
     sds_gradient,
     stein_gradient,
 )
+from threestudio_ssd.vsd import ParticleScoreModel
 
-ESTIMATORS = ("ssd", "sds")
+ESTIMATORS = ("ssd", "sds", "vsd")
 WEIGHTINGS = ("sds", "uniform")
 RESIZE_RENDER = ("image", "render")
 
@@ -57,7 +64,8 @@ class DistillationConfig:
     """Settings of :class:`ScoreDistillation`.
 
     Attributes:
-        estimator: ``"ssd"`` (Stein score distillation) or ``"sds"``.
+        estimator: ``"ssd"`` (Stein score distillation), ``"sds"`` or ``"vsd"`` (variational score
+            distillation with a camera-conditioned particle model, pixel priors only).
         include_constant: SSD also uses the constant baseline (``h_0 = eps``), each control variate
             with its own weight; ``False`` with one baseline is the paper's single-baseline form.
         mu_shape: ``"scalar"``, ``"channel"`` or ``"pixel"`` weights (``ControlVariateWeight``).
@@ -74,6 +82,13 @@ class DistillationConfig:
         resize_render: ``"image"`` resizes the render outputs to the decoded image (default),
             ``"render"`` resizes the decoded image (differentiably) to the render's resolution.
         stats_ema: decay of the running second moments behind ``var_proxy_ratio``.
+        vsd_guidance_scale: VSD: camera guidance ``s_c`` of the particle model (1: conditioned only).
+        vsd_camera_dropout: VSD: share of particle-training samples that see the null camera.
+        vsd_lora_rank: VSD: ``None`` fine-tunes a full copy of the prior's network, a number trains
+            LoRA adapters of that rank (plus the camera embedding) instead.
+        vsd_camera_hidden_dim: VSD: width of the camera-embedding MLP.
+        vsd_seed: VSD: seed of the particle model's own generator (its training draws never consume
+            the caller's generator, so SDS, SSD and VSD see the same ``t``/``eps`` stream).
     """
 
     estimator: str = "ssd"
@@ -88,6 +103,11 @@ class DistillationConfig:
     grad_clip: float | None = None
     resize_render: str = "image"
     stats_ema: float = 0.98
+    vsd_guidance_scale: float = 1.0
+    vsd_camera_dropout: float = 0.1
+    vsd_lora_rank: int | None = None
+    vsd_camera_hidden_dim: int = 64
+    vsd_seed: int = 0
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -105,6 +125,14 @@ class DistillationConfig:
             raise ValueError(f"DistillationConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
         if not 0.0 <= self.stats_ema < 1.0:
             raise ValueError(f"DistillationConfig.stats_ema must be in [0, 1), got {self.stats_ema!r}")
+        if not 0.0 <= self.vsd_camera_dropout < 1.0:
+            raise ValueError(
+                f"DistillationConfig.vsd_camera_dropout must be in [0, 1), got {self.vsd_camera_dropout!r}"
+            )
+        if self.vsd_lora_rank is not None and not self.vsd_lora_rank >= 1:
+            raise ValueError(
+                f"DistillationConfig.vsd_lora_rank must be None or >= 1, got {self.vsd_lora_rank!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DistillationConfig:
@@ -124,6 +152,8 @@ class DistillationOutput:
     ``grad / B``). ``loss_mu``: the ``learned`` weights' loss (``None`` otherwise), to be stepped by
     the optimiser that holds ``ScoreDistillation.parameters()``. ``grad``: ``[B, C, h, w]`` detached,
     after ``nan_to_num`` and clipping. ``t``: ``[B]``. ``stats``: python floats for logging.
+    ``loss_vsd_particle``: VSD's particle-model denoising loss (batch mean; ``None`` otherwise), for
+    the same optimiser; it reaches only the particle model.
     """
 
     loss: Float[Tensor, ""]
@@ -131,6 +161,7 @@ class DistillationOutput:
     grad: Float[Tensor, "B C h w"]
     t: Float[Tensor, " B"]
     stats: dict[str, float] = field(default_factory=dict)
+    loss_vsd_particle: Float[Tensor, ""] | None = None
 
 
 @dataclass
@@ -140,7 +171,8 @@ class VarianceEstimate:
     ``ssd``, ``sds``: ``[K, C, h, w]`` (unclipped, ``nan_to_num``); ``t``: ``[K]``;
     ``var_ssd``, ``var_sds``: ``gradient_variance`` (trace of the covariance); ``ratio``:
     ``var_ssd / var_sds``; ``n_fallback``: baseline evaluations that fell back to the constant.
-    For ``estimator="sds"`` the two sets of samples are identical.
+    ``ssd``/``var_ssd`` hold the configured estimator's draws: for ``estimator="sds"`` the two sets
+    of samples are identical, for ``"vsd"`` they are VSD's (whose mean is not SDS's).
     """
 
     ssd: Tensor
@@ -179,7 +211,7 @@ class ScoreDistillation(nn.Module):
     Args:
         score_model: the frozen prior (``StableDiffusionScoreModel``, ``LCSSPriorScoreModel``, ...).
         baselines: baseline functions ``phi(image, render)`` for SSD (``build_baseline``); ignored
-            entries are not allowed: with ``estimator="sds"`` pass none.
+            entries are not allowed: with ``estimator="sds"`` or ``"vsd"`` pass none.
         config: a :class:`DistillationConfig` or a mapping of its fields; ``overrides`` replace
             single fields.
     """
@@ -207,9 +239,10 @@ class ScoreDistillation(nn.Module):
                 raise TypeError(
                     f"baselines must be Baseline instances (build_baseline), got {type(b).__name__}"
                 )
-        if config.estimator == "sds" and baselines:
+        if config.estimator in ("sds", "vsd") and baselines:
             raise ValueError(
-                f"estimator='sds' uses no baselines, got {[b.name for b in baselines]}; use estimator='ssd'"
+                f"estimator={config.estimator!r} uses no baselines, got {[b.name for b in baselines]}; "
+                "use estimator='ssd'"
             )
         if config.estimator == "ssd":
             if not baselines and not config.include_constant:
@@ -233,6 +266,16 @@ class ScoreDistillation(nn.Module):
                 t_bins=config.mu_t_bins,
                 ema=config.mu_ema,
             )
+        self.particle: ParticleScoreModel | None = None
+        if config.estimator == "vsd":
+            self.particle = ParticleScoreModel(
+                score_model,
+                guidance_scale=config.vsd_guidance_scale,
+                camera_dropout=config.vsd_camera_dropout,
+                lora_rank=config.vsd_lora_rank,
+                camera_hidden_dim=config.vsd_camera_hidden_dim,
+            )
+        self._particle_generator: torch.Generator | None = None
         self._moments = {"steps": 0, "grad_sq": 0.0, "sds_sq": 0.0}
 
     # -- accessors -----------------------------------------------------------------------------
@@ -267,18 +310,21 @@ class ScoreDistillation(nn.Module):
         generator: torch.Generator | None = None,
         rgb_as_latents: bool = False,
         update_mu: bool = True,
+        c2w: Float[Tensor, "B 4 4"] | None = None,
     ) -> DistillationOutput:
         """One distillation step (module docstring). ``rgb`` in ``[0, 1]`` carries the gradient to
         the 3-D parameters; with ``rgb_as_latents`` it is already ``x0`` in model space (resized to
         the model's resolution). ``cond`` is the score model's conditioning for this batch;
-        ``render`` (SSD with baselines) the rendered depth/opacity/... of the same views.
-        ``update_mu=False`` leaves ``mu`` untouched (evaluation)."""
+        ``render`` (SSD with baselines) the rendered depth/opacity/... of the same views; ``c2w``
+        (VSD) the cameras, by default ``render.c2w``. ``update_mu=False`` is evaluation: ``mu`` is
+        left untouched and no particle loss is returned."""
         cfg = self.config
         x0 = self._model_input(rgb, rgb_as_latents, generator)
         batch = x0.shape[0]
+        camera = self._camera(c2w, render, batch)
         t = self._sample_t(batch, t_range, generator, x0)
         eps = _randn(x0.shape, generator, x0)
-        step = self._step(x0.detach(), t, eps, cond, render)
+        step = self._step(x0.detach(), t, eps, cond, render, camera)
         grad = torch.nan_to_num(step.grad)
         if cfg.grad_clip is not None:
             grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
@@ -288,10 +334,22 @@ class ScoreDistillation(nn.Module):
                 loss_mu = self.mu.loss(step.eps_hat, step.cvs, step.weight, t)
             else:
                 self.mu.update(step.eps_hat, step.cvs, step.weight, t)
+        loss_particle = None
+        if self.particle is not None and update_mu:
+            loss_particle = self.particle.loss(x0, cond, camera, self._particle_rng(x0)).mean()
         target = (x0 - grad).detach()
         loss = 0.5 * (x0 - target).pow(2).sum() / batch
         stats = self._stats(grad, step, update_mu)
-        return DistillationOutput(loss=loss, loss_mu=loss_mu, grad=grad.detach(), t=t, stats=stats)
+        if loss_particle is not None:
+            stats["loss_vsd_particle"] = loss_particle.item()
+        return DistillationOutput(
+            loss=loss,
+            loss_mu=loss_mu,
+            grad=grad.detach(),
+            t=t,
+            stats=stats,
+            loss_vsd_particle=loss_particle,
+        )
 
     @torch.no_grad()
     def estimate_variance(
@@ -305,9 +363,11 @@ class ScoreDistillation(nn.Module):
         t_range: tuple[float, float] = (0.02, 0.98),
         batch_size: int = 8,
         rgb_as_latents: bool = False,
+        c2w: Float[Tensor, "1 4 4"] | None = None,
     ) -> VarianceEstimate:
         """``n_draws`` independent ``(t, eps)`` at ONE render (``rgb`` of batch 1, its ``cond`` and
-        ``render``), SSD (current ``mu``, never updated here) and SDS on the same draws.
+        ``render``; ``c2w`` for VSD), the estimator (SSD with the current ``mu``, never updated here;
+        VSD with the current particle model, not trained here) and SDS on the same draws.
 
         ``t=None`` draws ``t ~ U[t_range]``; a number fixes it. ``x0 = encode(rgb)`` is computed
         once (a sampling VAE draws its latent once: the render is fixed). Draws are evaluated
@@ -321,6 +381,7 @@ class ScoreDistillation(nn.Module):
         x0 = self._model_input(rgb, rgb_as_latents, generator).detach()
         if x0.shape[0] != 1:
             raise ValueError(f"estimate_variance takes one render (batch 1), got a batch of {x0.shape[0]}")
+        camera = self._camera(c2w, render, 1)
         if t is not None and not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"t must be None or in [0, 1], got {t}")
         # all draws up front, so that they do not depend on batch_size
@@ -333,7 +394,8 @@ class ScoreDistillation(nn.Module):
         for start in range(0, n_draws, batch_size):
             tn, eps = ts[start : start + batch_size], noise[start : start + batch_size]
             n = tn.shape[0]
-            step = self._step(x0.expand(n, *x0.shape[1:]), tn, eps, self._repeat_cond(cond, n), render)
+            cam = None if camera is None else camera.expand(n, 4, 4)
+            step = self._step(x0.expand(n, *x0.shape[1:]), tn, eps, self._repeat_cond(cond, n), render, cam)
             ssd.append(torch.nan_to_num(step.grad))
             sds.append(torch.nan_to_num(step.sds))
             n_fallback += 0 if step.fallback is None else int(step.fallback.sum())
@@ -374,16 +436,48 @@ class ScoreDistillation(nn.Module):
     def _repeat_cond(self, cond: Any, n: int) -> Any:
         return cond if n == 1 else self.score_model.repeat_cond(cond, n)
 
-    def _step(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any, render: RenderOutputs | None) -> _Step:
-        """Everything of a step that does not touch ``mu``'s state: returns the raw SSD (or SDS)
-        gradient, the SDS gradient on the same noise, and what ``mu`` is fitted from."""
+    def _camera(self, c2w: Tensor | None, render: RenderOutputs | None, batch: int) -> Tensor | None:
+        """VSD's cameras ``[B, 4, 4]`` (``c2w``, else ``render.c2w``; one camera is repeated);
+        ``None`` for the other estimators."""
+        if self.particle is None:
+            return None
+        if c2w is None and render is not None:
+            c2w = render.c2w
+        if c2w is None:
+            raise ValueError("estimator='vsd' needs the cameras: pass c2w [B, 4, 4] (or render.c2w)")
+        c2w = torch.as_tensor(c2w)
+        if c2w.ndim != 3 or tuple(c2w.shape[1:]) != (4, 4) or c2w.shape[0] not in (1, batch):
+            raise ValueError(f"c2w must be [B={batch}, 4, 4] (or [1, 4, 4]), got {tuple(c2w.shape)}")
+        return c2w.detach().expand(batch, 4, 4)
+
+    def _particle_rng(self, like: Tensor) -> torch.Generator:
+        """The particle model's own generator (seeded ``vsd_seed``, on ``like``'s device)."""
+        if self._particle_generator is None or self._particle_generator.device != like.device:
+            self._particle_generator = torch.Generator(device=like.device).manual_seed(self.config.vsd_seed)
+        return self._particle_generator
+
+    def _step(
+        self,
+        x0: Tensor,
+        t: Tensor,
+        eps: Tensor,
+        cond: Any,
+        render: RenderOutputs | None,
+        camera: Tensor | None = None,
+    ) -> _Step:
+        """Everything of a step that does not touch ``mu``'s or the particle model's state: returns
+        the raw SSD (SDS, VSD) gradient, the SDS gradient on the same noise, and what ``mu`` is
+        fitted from."""
         sm = self.score_model
         with torch.no_grad():
             x_t = sm.add_noise(x0, eps, t)
             eps_hat = sm.eps(x_t, t, cond, self.config.guidance_scale)
             weight = sm.weight(t) if self.config.weighting == "sds" else torch.ones_like(t)
         phis = valid = fallback = None
-        if self.config.estimator == "sds" or not self.baselines:
+        if self.particle is not None:
+            # VSD: the particle prediction takes the place of the control variates, with weight 1
+            cvs = self.particle.eps(x_t, t, cond, camera)[:, None]
+        elif self.config.estimator == "sds" or not self.baselines:
             cvs = eps[:, None]
         else:
             phis, grads, valid = self._evaluate_baselines(x_t, render)
