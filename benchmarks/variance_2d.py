@@ -79,6 +79,7 @@ class Settings:
     n_draws: int
     n_loss_draws: int
     t_bins: int
+    floor_bins: int
     guidance_scale: float
     lr: float
     mu_lr: float
@@ -103,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--n-draws", type=int, default=64, help="noise draws per variance estimate")
     p.add_argument("--n-loss-draws", type=int, default=64, help="draws of the prior's denoising loss")
-    p.add_argument("--t-bins", type=int, default=10, help="timestep bins of the *-bins arms and the floor")
+    p.add_argument("--t-bins", type=int, default=5, help="timestep bins of the mu of the *-bins arms")
+    p.add_argument("--floor-bins", type=int, default=10, help="timestep bins of the between-t floor")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="s in eps_u + s (eps_c - eps_u)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam on the image logits")
     p.add_argument("--mu-lr", type=float, default=0.02, help="Adam on learned mu")
@@ -126,11 +128,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     if "sds" not in arms:
         arms.insert(0, "sds")  # the reference of every ratio and time
     if a.quick:
-        a.steps, a.eval_every, a.n_draws, a.n_loss_draws, a.t_bins = 4, 2, 8, 8, 2
+        a.steps, a.eval_every, a.n_draws, a.n_loss_draws, a.t_bins, a.floor_bins = 4, 2, 8, 8, 2, 2
     elif a.prior is None or a.depth_model is None:
         p.error("--prior and --depth-model are required (or --quick for tiny random models)")
-    if a.steps < 1 or a.eval_every < 1 or a.n_draws < 2 or a.t_bins < 1:
-        p.error("--steps, --eval-every, --t-bins must be >= 1 and --n-draws >= 2")
+    if min(a.steps, a.eval_every, a.t_bins, a.floor_bins) < 1 or a.n_draws < 2:
+        p.error("--steps, --eval-every, --t-bins, --floor-bins must be >= 1 and --n-draws >= 2")
     values = {k: v for k, v in vars(a).items() if k != "out"}
     values["arms"] = arms
     return Settings(**values), Path(a.out)
@@ -216,13 +218,21 @@ def prior_loss(score_model, rgb: torch.Tensor, label: torch.Tensor, n: int, seed
 
 
 def measure(dist, rgb, label, render, s: Settings, seed: int) -> dict[str, float]:
-    from threestudio_ssd.stein import between_timestep_variance
+    from threestudio_ssd.stein import between_timestep_variance, timestep_bin
 
     est = dist.estimate_variance(
         rgb, label, render, n_draws=s.n_draws, generator=torch.Generator().manual_seed(seed), batch_size=16
     )
-    floor = between_timestep_variance(est.sds, est.t, s.t_bins)
+    # the floor's bins: the most (up to --floor-bins) in which every non-empty bin has two draws
+    # (coarser bins give a lower bound of the floor)
+    n_bins = s.floor_bins
+    while n_bins > 1 and (lambda c: bool(((c > 0) & (c < 2)).any()))(
+        torch.bincount(timestep_bin(est.t, n_bins), minlength=n_bins)
+    ):
+        n_bins -= 1
+    floor = between_timestep_variance(est.sds, est.t, n_bins)
     return {
+        "floor_bins": n_bins,
         "var": est.var_ssd,
         "var_sds": est.var_sds,
         "ratio": est.ratio,
