@@ -69,8 +69,11 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    # the repository itself must come from custom/ (or the editable install), never from cwd
-    env.pop("PYTHONPATH", None)
+    # ``python -m threestudio_ssd.launch`` must find the package without ``pip install -e``; these
+    # are the same files that custom/threestudio-ssd points at
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     return env
 
 

@@ -149,7 +149,7 @@ def run_on_cpu(args: argparse.Namespace, extras: list[str], launch, root: str) -
     def restore_status(ckpt_path: str | None) -> None:
         # validate/test/export cannot resume epoch and step by themselves (as in launch.py)
         if ckpt_path is not None:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(ckpt_path, map_location="cpu")
             system.set_resume_status(ckpt["epoch"], ckpt["global_step"])
 
     start = time.perf_counter()
