@@ -331,7 +331,9 @@ def guided_score_fn(
     ``prior_or_model`` is an exported ``Prior`` (whose ``eps(x, t, labels, s)`` applies the guidance
     itself) or a raw ``model_fn(x, t, labels) -> eps`` such as ``EpsNetwork`` (guided here with
     ``lcss_prior.guidance.classifier_free_guidance``; ``labels=None`` is its NULL class).
-    ``class_labels=None`` means unconditional. ``sde`` defaults to ``prior_or_model.sde``.
+    ``class_labels=None`` means unconditional, and is the only choice for an unconditional prior
+    or network (``null_class is None``): labels given to one raise a ``ValueError`` rather than
+    being ignored. ``sde`` defaults to ``prior_or_model.sde``.
     """
     from lcss_prior.guidance import classifier_free_guidance
     from lcss_prior.model import get_score_fn
@@ -339,6 +341,10 @@ def guided_score_fn(
     sde = getattr(prior_or_model, "sde", None) if sde is None else sde
     if sde is None:
         raise ValueError("guided_score_fn needs an sde: the model has none attached")
+    if class_labels is not None and _is_unconditional(prior_or_model):
+        raise ValueError(
+            "class_labels given for an unconditional prior (null_class is None); pass class_labels=None"
+        )
     if hasattr(prior_or_model, "eps"):
 
         def eps_fn(x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
@@ -364,15 +370,27 @@ def guided_score_fn(
     return score_fn
 
 
+def _is_unconditional(prior_or_model: Any) -> bool:
+    """Whether a ``Prior`` / ``EpsNetwork`` has no class embedding (``null_class is None``); a
+    plain ``model_fn`` without a ``null_class`` attribute counts as conditional."""
+    return hasattr(prior_or_model, "null_class") and prior_or_model.null_class is None
+
+
 def resolve_class_labels(prior: Any, captions_or_labels: Any, n: int) -> Tensor | None:
     """Turn captions (``"a red cube"``), integer labels, a single one of either (repeated), or
     ``None`` (unconditional) into ``n`` class labels ``[n]`` for ``prior``.
 
     A list must have ``n`` entries or one. Unknown captions (``Prior.caption_to_label``) and
-    out-of-range labels raise an error that lists the prior's captions.
+    out-of-range labels raise an error that lists the prior's captions; any caption or label
+    given to an unconditional prior (``null_class is None``) is an error.
     """
     if captions_or_labels is None:
         return None
+    if _is_unconditional(prior):
+        raise ValueError(
+            f"this prior is unconditional (null_class is None): it takes no captions or labels, "
+            f"got {captions_or_labels!r}"
+        )
     items = captions_or_labels
     if isinstance(items, Tensor):
         items = items.tolist()

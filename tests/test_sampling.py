@@ -248,6 +248,41 @@ def test_sample_prior_shape_range_and_seed(tiny_prior_dir):
     assert not torch.equal(a, c)
 
 
+@pytest.fixture(scope="module")
+def unconditional_prior_dir(tmp_path_factory):
+    torch.manual_seed(1)
+    sde = build_sde("vp")
+    unet = build_unet(8, 1, num_classes=0, preset="tiny")
+    network = EpsNetwork(unet, sde, input_scaling="edm")
+    path = tmp_path_factory.mktemp("prior") / "unconditional"
+    return export_prior(network, sde, path, [], resolution=8, channels=1, null_class=None)
+
+
+def test_unconditional_prior_samples_and_refuses_labels(unconditional_prior_dir):
+    prior = load_prior(unconditional_prior_dir)
+    assert prior.null_class is None and prior.network.unet.config.num_class_embeds is None
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    expected = -prior.network(x, t, None) / prior.sde.std(t).view(3, 1, 1, 1)
+    for scale in (1.0, 3.0):  # no conditional branch: the guidance scale has nothing to act on
+        torch.testing.assert_close(guided_score_fn(prior, None, scale)(x, t), expected)
+        torch.testing.assert_close(guided_score_fn(prior.network, None, scale, sde=prior.sde)(x, t), expected)
+    kwargs = {"method": "pc", "steps": 3, "progress": False}
+    a = sample_prior(prior, None, 3, seed=4, **kwargs)
+    assert a.shape == (3, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, sample_prior(prior, None, 3, seed=4, **kwargs), rtol=0, atol=0)
+    assert not torch.equal(a, sample_prior(prior, None, 3, seed=5, **kwargs))
+    # labels would be silently ignored by the network: they are an error instead
+    for model in (prior, prior.network):
+        with pytest.raises(ValueError, match="unconditional prior"):
+            guided_score_fn(model, torch.tensor([0, 0, 0]), sde=prior.sde)
+    for item in ("digit zero", 0, [0, 0, 0]):
+        with pytest.raises(ValueError, match="this prior is unconditional"):
+            resolve_class_labels(prior, item, 3)
+        with pytest.raises(ValueError, match="this prior is unconditional"):
+            sample_prior(prior, item, 3, **kwargs)
+
+
 def test_save_grid_writes_png(tmp_path):
     images = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
     path = save_grid(images, tmp_path / "sub" / "grid.png", nrow=3)
@@ -293,6 +328,18 @@ def test_cli_sample_errors(tiny_prior_dir, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("lcss-prior sample: error: ") and re.search(message, err), err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_sample_unconditional_prior(unconditional_prior_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    args = ("--prior", str(unconditional_prior_dir), "--n", "2", "--steps", "2", "--out", str(out))
+    assert cli_main(_cli_args(*args)) == out and out.is_file()
+    assert "wrote 2 samples" in capsys.readouterr().out
+    out.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_cli_args(*args, "--label", "0"))
+    assert exit_info.value.code == 2 and not out.exists()
+    assert "lcss-prior sample: error: this prior is unconditional" in capsys.readouterr().err
 
 
 def test_cli_sample_missing_prior_and_arguments(tmp_path, capsys):
