@@ -668,10 +668,11 @@ def train(cfg: TrainConfig, resume: str | None = None, dataset: Any = None) -> P
 def export_module(
     module: PriorTrainingModule, out_dir: str | Path, steps: int, overwrite: bool = True, **extra: Any
 ) -> Path:
-    """``export_prior`` of the module's EMA network, with the run's settings as training info."""
+    """``export_prior`` of the module's EMA network, with the run's settings and the resolved loss
+    configuration (``SDELoss.config`` under ``"loss"``) as training info."""
     cfg, info = module.cfg, module.data_info
     training = {k: getattr(cfg, k) for k in RUN_DEFINING}
-    training.update(steps=int(steps), weights="ema", **extra)
+    training.update(loss=module.loss_fn.config, steps=int(steps), weights="ema", **extra)
     return export_prior(
         module.ema_net,
         module.sde,

@@ -6,6 +6,7 @@ and is resumed are made once per module (``runs``) and shared by the tests that 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from PIL import Image
 
 from lcss_prior.cli import main
 from lcss_prior.export import load_prior
+from lcss_prior.sde import build_sde
 from lcss_prior.train import (
     AtomicCheckpointIO,
     StepBatches,
     TrainConfig,
+    build_loss,
     derive_seed,
     make_trainer,
+    read_checkpoint_config,
 )
 
 TINY = [
@@ -134,6 +138,11 @@ def test_train_writes_checkpoints_logs_samples_and_a_loadable_prior(runs):
     assert prior.captions == [f"digit {i}" for i in range(10)] and prior.null_class == 10
     assert prior.resolution == 8 and prior.channels == 1 and prior.n_levels == 17
     assert prior.metadata["training"]["method"] == "lcss" and prior.metadata["training"]["steps"] == STEPS
+    # prior.json holds the resolved loss configuration, the one the run's settings build
+    loss = json.loads((full / "prior" / "prior.json").read_text())["training"]["loss"]
+    cfg = TrainConfig(**read_checkpoint_config(full / "checkpoints" / "last.ckpt")[0])
+    assert loss == build_loss(build_sde(cfg.sde, **cfg.sde_kwargs), cfg).config
+    assert loss["method"] == "lcss" and loss["weighting"] is not None
     # the exported weights are the EMA weights of the final checkpoint
     ckpt = state_dict(full / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == STEPS
