@@ -29,7 +29,7 @@ from lcss_prior.data import (
     render_scene,
 )
 from lcss_prior.data.digits import N_DIGITS, TEST_SIZE
-from lcss_prior.data.shapes import BOUNDING_RADIUS, COLORS, SHAPES, shape_sdf
+from lcss_prior.data.shapes import BOUNDING_RADIUS, COLORS, SHAPE_DIMENSIONS, SHAPES, shape_sdf
 
 SPHERE_RADIUS = 0.40  # the sphere primitive's radius (documented in docs/data.md)
 
@@ -189,6 +189,39 @@ def test_sdfs_are_exact_and_bounded(shape):
     # and fills a good part of it (not a speck): interior points reach past 0.7 R
     inside = points[sdf(points) < 0]
     assert inside.norm(dim=-1).max() > 0.7 * BOUNDING_RADIUS
+
+
+def _surface_points(dims: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Points that lie on each shape's surface according to ``dims`` (extreme points along the axes
+    and, for the cone, a point half way up the slant)."""
+    s, c, y, k, t = (dims[name] for name in SHAPES)
+    mid_z = 0.5 * (k["base_z"] + k["apex_z"])
+    return {
+        "sphere": torch.tensor([[s["radius"], 0, 0], [0, 0, -s["radius"]]]),
+        "cube": torch.tensor([[c["half_size"], 0.1, 0.1], [0, 0, c["half_size"]]]),
+        "cylinder": torch.tensor([[0, y["radius"], 0.1], [0.1, 0, y["half_height"]]]),
+        "cone": torch.tensor(
+            [[0, 0, k["apex_z"]], [0.1, 0, k["base_z"]], [0.5 * k["base_radius"], 0, mid_z]]
+        ),
+        "torus": torch.tensor(
+            [[t["major_radius"] + t["minor_radius"], 0, 0], [0, t["major_radius"], t["minor_radius"]]]
+        ),
+    }
+
+
+def test_shape_dimensions_are_the_rendered_ones():
+    assert tuple(SHAPE_DIMENSIONS) == SHAPES
+    for shape, points in _surface_points(SHAPE_DIMENSIONS).items():
+        assert shape_sdf(shape, points.float()).abs().max() < 1e-6, shape
+    # a dimension that differs from the renderer's by 0.01 is flagged, for every shape
+    for shape in SHAPES:
+        for key in SHAPE_DIMENSIONS[shape]:
+            wrong = {n: dict(d) for n, d in SHAPE_DIMENSIONS.items()}
+            wrong[shape][key] += 0.01
+            points = _surface_points(wrong)[shape].float()
+            assert shape_sdf(shape, points).abs().max() > 1e-3, (shape, key)
+    with pytest.raises(TypeError):  # read-only: the public numbers cannot drift from the SDFs
+        SHAPE_DIMENSIONS["sphere"]["radius"] = 1.0
 
 
 def _sphere_depth_errors(out, rays_o, rays_d, radius) -> dict[str, float]:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "COLORS",
     "LIGHT_DIRECTION",
     "SHAPES",
+    "SHAPE_DIMENSIONS",
     "ShapesDataset",
     "camera_c2w",
     "camera_rays",
@@ -70,12 +72,26 @@ COLORS: dict[str, tuple[float, float, float]] = {
 #: Radius of a sphere centred at the origin that contains every shape.
 BOUNDING_RADIUS: float = 0.45
 
-# Shape dimensions (each shape's bounding radius is given beside it; all are <= BOUNDING_RADIUS).
-_SPHERE_RADIUS = 0.40  # 0.40
-_CUBE_HALF = 0.25  # 0.25 * sqrt(3) = 0.433
-_CYLINDER_RADIUS, _CYLINDER_HALF_HEIGHT = 0.30, 0.30  # 0.424
-_CONE_BASE_RADIUS, _CONE_BASE_Z, _CONE_APEX_Z = 0.35, -0.25, 0.40  # max(0.430, 0.40)
-_TORUS_MAJOR, _TORUS_MINOR = 0.30, 0.14  # 0.44
+#: Dimensions of each shape in scene units (read-only; the SDFs below use exactly these). Every
+#: shape is centred at the origin with its axis along ``+z``; each shape's bounding radius is given
+#: beside it, all <= BOUNDING_RADIUS. The cone's base disc lies at ``z = base_z``, its apex at
+#: ``z = apex_z``.
+SHAPE_DIMENSIONS: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        "sphere": MappingProxyType({"radius": 0.40}),  # 0.40
+        "cube": MappingProxyType({"half_size": 0.25}),  # 0.25 * sqrt(3) = 0.433
+        "cylinder": MappingProxyType({"radius": 0.30, "half_height": 0.30}),  # 0.424
+        "cone": MappingProxyType({"base_radius": 0.35, "base_z": -0.25, "apex_z": 0.40}),  # max(0.430, 0.40)
+        "torus": MappingProxyType({"major_radius": 0.30, "minor_radius": 0.14}),  # 0.44
+    }
+)
+_SPHERE_RADIUS = SHAPE_DIMENSIONS["sphere"]["radius"]
+_CUBE_HALF = SHAPE_DIMENSIONS["cube"]["half_size"]
+_CYLINDER_RADIUS, _CYLINDER_HALF_HEIGHT = (SHAPE_DIMENSIONS["cylinder"][k] for k in ("radius", "half_height"))
+_CONE_BASE_RADIUS, _CONE_BASE_Z, _CONE_APEX_Z = (
+    SHAPE_DIMENSIONS["cone"][k] for k in ("base_radius", "base_z", "apex_z")
+)
+_TORUS_MAJOR, _TORUS_MINOR = (SHAPE_DIMENSIONS["torus"][k] for k in ("major_radius", "minor_radius"))
 
 
 def make_captions(shapes: Sequence[str], colors: Sequence[str]) -> list[str]:

@@ -101,7 +101,7 @@ def mesh_stats(mesh: Any) -> dict[str, Any]:
 
 def reference_mesh(reference: str | os.PathLike, sections: int = 64) -> Any:
     """The reference mesh: a mesh file, or a ``shapes`` caption's true primitive (centred at the
-    origin, axis ``+z``, the dimensions of ``lcss_prior.data.shapes``; round shapes with
+    origin, axis ``+z``, sized by ``lcss_prior.data.shapes.SHAPE_DIMENSIONS``; round shapes with
     ``sections`` segments, the sphere an icosphere of 5 subdivisions)."""
     import trimesh
 
@@ -115,25 +115,24 @@ def reference_mesh(reference: str | os.PathLike, sections: int = 64) -> Any:
         raise ValueError(
             f"reference {reference!r} is neither a mesh file nor a shapes caption: {err}"
         ) from err
+    dims = S.SHAPE_DIMENSIONS[shape]
     create = trimesh.creation
     if shape == "sphere":
-        return create.icosphere(subdivisions=5, radius=S._SPHERE_RADIUS)
+        return create.icosphere(subdivisions=5, radius=dims["radius"])
     if shape == "cube":
-        return create.box(extents=[2 * S._CUBE_HALF] * 3)
+        return create.box(extents=[2 * dims["half_size"]] * 3)
     if shape == "cylinder":
-        return create.cylinder(
-            radius=S._CYLINDER_RADIUS, height=2 * S._CYLINDER_HALF_HEIGHT, sections=sections
-        )
+        return create.cylinder(radius=dims["radius"], height=2 * dims["half_height"], sections=sections)
     if shape == "cone":
         cone = create.cone(
-            radius=S._CONE_BASE_RADIUS, height=S._CONE_APEX_Z - S._CONE_BASE_Z, sections=sections
+            radius=dims["base_radius"], height=dims["apex_z"] - dims["base_z"], sections=sections
         )
-        cone.apply_translation([0.0, 0.0, S._CONE_BASE_Z])
+        cone.apply_translation([0.0, 0.0, dims["base_z"]])
         return cone
     if shape == "torus":
         return create.torus(
-            major_radius=S._TORUS_MAJOR,
-            minor_radius=S._TORUS_MINOR,
+            major_radius=dims["major_radius"],
+            minor_radius=dims["minor_radius"],
             major_sections=sections,
             minor_sections=sections,
         )
