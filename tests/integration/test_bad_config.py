@@ -35,7 +35,7 @@ def build_guidance(ts, models, **overrides):
         ({"baselines": ["constant", "constant"]}, r"guidance\.baselines.*twice"),
         ({"baselines": []}, r"guidance\.baselines"),
         ({"score_model": "imagen"}, r"guidance\.score_model.*'imagen'"),
-        ({"estimator": "vsd"}, r"guidance\.estimator.*'vsd'"),
+        ({"estimator": "gsd"}, r"guidance\.estimator.*'gsd'"),
         ({"prior_path": "/nonexistent/prior"}, r"guidance\.prior_path.*/nonexistent/prior"),
         ({"prior_path": None}, r"guidance\.prior_path.*required"),
         ({"depth_estimator_path": None}, r"guidance\.depth_estimator_path"),

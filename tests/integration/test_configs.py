@@ -77,6 +77,8 @@ def test_config_parses_through_threestudio(threestudio_ts, path, tmp_path, monke
         assert "lambda_ssd" in cfg.system.loss
         if guidance.estimator == "ssd" and guidance.mu_mode == "learned":
             assert "lambda_mu" in cfg.system.loss
+        if guidance.estimator == "vsd":
+            assert "lambda_vsd_particle" in cfg.system.loss
 
 
 def test_unknown_key_is_rejected(threestudio_ts, tmp_path, monkeypatch):
@@ -96,3 +98,37 @@ def test_sds_twins_differ_only_in_the_estimator(stem):
     for cfg in (ssd, sds):
         cfg["system"]["guidance"]["estimator"] = cfg["name"] = None
     assert ssd == sds
+
+
+def test_cpu_twins_differ_only_in_the_estimator_and_its_own_keys():
+    """``sds-cpu-shapes.yaml`` and ``vsd-cpu-shapes.yaml`` are ``steindreamer-cpu-shapes.yaml`` but
+    for the estimator, the depth model they do not use, and VSD's own keys (its ``vsd_*``
+    settings, ``lambda_vsd_particle`` and the particle model's learning rate)."""
+
+    def load(stem):
+        return OmegaConf.to_container(OmegaConf.load(REPO / "configs" / f"{stem}-cpu-shapes.yaml"))
+
+    ssd, sds, vsd = load("steindreamer"), load("sds"), load("vsd")
+    estimators = [c["system"]["guidance"]["estimator"] for c in (ssd, sds, vsd)]
+    assert estimators == ["ssd", "sds", "vsd"]
+    assert sds["system"]["guidance"]["depth_estimator_path"] is None
+    vsd_keys = sorted(k for k in vsd["system"]["guidance"] if k.startswith("vsd_"))
+    assert vsd_keys == [
+        "vsd_camera_dropout",
+        "vsd_camera_hidden_dim",
+        "vsd_guidance_scale",
+        "vsd_lora_rank",
+        "vsd_seed",
+    ]
+    assert vsd["system"]["loss"].pop("lambda_vsd_particle") == 1.0
+    assert (
+        vsd["system"]["optimizer"]["params"]["guidance"]["lr"]
+        < ssd["system"]["optimizer"]["params"]["guidance"]["lr"]
+    )
+    for key in vsd_keys:
+        del vsd["system"]["guidance"][key]
+    for cfg in (ssd, sds, vsd):
+        cfg["name"] = None
+        cfg["system"]["guidance"]["estimator"] = cfg["system"]["guidance"]["depth_estimator_path"] = None
+        cfg["system"]["optimizer"]["params"]["guidance"]["lr"] = None
+    assert ssd == sds == vsd

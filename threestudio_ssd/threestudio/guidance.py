@@ -14,15 +14,19 @@ Per step: ``x0 = encode(rgb)``, ``t ~ U[min_step_percent, max_step_percent]``,
 with ``h = eps`` for the ``constant`` baseline (so ``baselines: [constant]`` with ``mu = 1`` is SDS)
 and ``phi = 1 - Pearson(depth estimate of x_t, rendered disparity)`` for ``depth`` (SteinDreamer).
 ``estimator: sds`` is plain SDS through the same code (the matching ``sds-*.yaml`` configs).
+``estimator: vsd`` (pixel priors only) is ProlificDreamer's variational score distillation through
+the same code, ``grad = w(t) (eps_hat - eps_hat_particle(x_t; y, c2w, t))`` with a camera-conditioned
+particle copy of the prior (``threestudio_ssd.vsd``) that trains on the renders through
+``loss_vsd_particle`` (weight ``lambda_vsd_particle``); it needs the batch's ``c2w``.
 
 Classifier-free guidance uses the project's convention ``eps = eps_u + s (eps_c - eps_u)``;
 threestudio's SD guidances write ``eps_c + s' (eps_c - eps_u)``, so ``guidance_scale: 100`` here is
 threestudio's ``99`` (and threestudio's ``100`` is ``101`` here).
 
 Like ProlificDreamer's VSD guidance, this is a ``BaseModule`` built in the system's
-``configure()``: its learnable weights ``mu`` are its only parameters (list ``guidance`` under
-``system.optimizer.params``), while the frozen score model, depth network and baselines live in a
-non-module container, out of the state dict and the optimiser.
+``configure()``: its learnable weights ``mu`` (SSD) or particle model (VSD) are its only parameters
+(list ``guidance`` under ``system.optimizer.params``), while the frozen score model, depth network
+and baselines live in a non-module container, out of the state dict and the optimiser.
 """
 
 from __future__ import annotations
@@ -37,15 +41,20 @@ from threestudio.utils.base import BaseModule
 from threestudio.utils.misc import C
 
 from threestudio_ssd.baselines import RenderOutputs, build_baseline, registered_baselines
-from threestudio_ssd.distillation import DistillationConfig, ScoreDistillation
+from threestudio_ssd.distillation import DistillationConfig, ScoreDistillation, VarianceEstimate
 from threestudio_ssd.threestudio.prompt_processor import PriorPromptProcessorOutput
 from threestudio_ssd.threestudio.registry import register
 
 SCORE_MODELS = ("stable-diffusion", "lcss-prior")
-ESTIMATORS = ("ssd", "sds")
+ESTIMATORS = ("ssd", "sds", "vsd")
 GEOMETRIC_BASELINES = ("depth", "normal")  # need a depth estimator and the render
 #: a pixel-space prior is not fed renders smaller than this fraction of its resolution
 MIN_RENDER_FRACTION = 0.5
+
+
+def _first_view(value: Any) -> Any:
+    """The first sample of a batched tensor (``None`` and scalars unchanged)."""
+    return value[:1] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
 
 
 def _config_error(key: str, message: str) -> ValueError:
@@ -63,7 +72,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-1-base"
         prior_path: str | None = None
         half_precision_weights: bool = True
-        # "ssd" or "sds"
+        # "ssd", "sds" or "vsd" (pixel priors: score_model lcss-prior)
         estimator: str = "ssd"
         # any of constant | depth | normal; list constant to include SDS's control variate
         baselines: list[str] = field(default_factory=lambda: ["constant", "depth"])
@@ -83,6 +92,14 @@ class SteinScoreDistillationGuidance(BaseModule):
         grad_clip: Any | None = None  # element-wise clip of the gradient, schedulable
         view_dependent_prompting: bool = True
         seed: int = 0  # noise generator (t, eps); its state is checkpointed
+        # VSD only (threestudio_ssd.vsd.ParticleScoreModel): camera guidance of the particle model
+        # (1: camera-conditioned only), share of its training samples with the null camera, LoRA
+        # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise
+        vsd_guidance_scale: float = 1.0
+        vsd_camera_dropout: float = 0.1
+        vsd_lora_rank: int | None = None
+        vsd_camera_hidden_dim: int = 64
+        vsd_seed: int = 0
 
     cfg: Config
 
@@ -110,6 +127,12 @@ class SteinScoreDistillationGuidance(BaseModule):
             raise _config_error("baselines", f"unknown baseline(s) {unknown}; known: {known}")
         if len(set(cfg.baselines)) != len(cfg.baselines):
             raise _config_error("baselines", f"{list(cfg.baselines)} lists a baseline twice")
+        if cfg.estimator == "vsd" and cfg.score_model != "lcss-prior":
+            raise _config_error(
+                "estimator",
+                "'vsd' needs a pixel prior (score_model: lcss-prior); for Stable Diffusion use "
+                "threestudio's stable-diffusion-vsd-guidance",
+            )
         if cfg.estimator == "ssd" and not cfg.baselines:
             raise _config_error("baselines", "SSD needs at least one baseline (e.g. [constant, depth])")
         if self._uses_estimator() and not cfg.depth_estimator_path:
@@ -151,7 +174,7 @@ class SteinScoreDistillationGuidance(BaseModule):
 
     def _build_baselines(self) -> list:
         cfg = self.cfg
-        if cfg.estimator == "sds":
+        if cfg.estimator != "ssd":  # SDS and VSD use no baselines (guidance.baselines is ignored)
             return []
         estimator = None
         if self._uses_estimator():
@@ -183,9 +206,21 @@ class SteinScoreDistillationGuidance(BaseModule):
                 guidance_scale=float(cfg.guidance_scale),
                 weighting=cfg.weighting_strategy,
                 grad_clip=None,  # set per step by update_step (schedulable)
+                vsd_guidance_scale=float(cfg.vsd_guidance_scale),
+                vsd_camera_dropout=float(cfg.vsd_camera_dropout),
+                vsd_lora_rank=cfg.vsd_lora_rank,
+                vsd_camera_hidden_dim=int(cfg.vsd_camera_hidden_dim),
+                vsd_seed=int(cfg.vsd_seed),
             )
         except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
             raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err
+
+    def _check_camera(self, c2w: torch.Tensor | None) -> None:
+        if self.cfg.estimator == "vsd" and c2w is None:
+            raise ValueError(
+                "guidance.estimator: 'vsd' conditions its particle model on the camera: pass the batch's "
+                "c2w [B, 4, 4] (threestudio's data modules provide it)"
+            )
 
     # -- threestudio hooks ----------------------------------------------------------------------
 
@@ -277,12 +312,14 @@ class SteinScoreDistillationGuidance(BaseModule):
         """``rgb [B, H, W, 3]`` in ``[0, 1]`` (or ``[B, h, w, C]`` latents with ``rgb_as_latents``);
         ``depth``/``opacity`` ``[B, H, W, 1]`` and ``comp_normal`` ``[B, H, W, 3]`` as threestudio's
         renderers return them, ``c2w [B, 4, 4]`` and ``fovy`` (radians, in ``kwargs``) from the batch.
-        Returns ``loss_ssd``, ``loss_mu`` (learned ``mu``), ``min_step``/``max_step`` (the ``t``
-        range as fractions) and the estimator's statistics (``grad_norm``, ``phi_mean/<baseline>``,
-        ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
+        Returns ``loss_ssd`` (the distillation loss of every estimator), ``loss_mu`` (SSD, learned
+        ``mu``), ``loss_vsd_particle`` (VSD: the particle model's denoising loss), ``min_step`` /
+        ``max_step`` (the ``t`` range as fractions) and the estimator's statistics (``grad_norm``,
+        ``phi_mean/<baseline>``, ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
         x = rgb.permute(0, 3, 1, 2)
         if not rgb_as_latents:
             self.check_render_resolution(x.shape[2], x.shape[3])
+        self._check_camera(c2w)
         cond = self.condition(prompt_utils, elevation, azimuth, camera_distances)
         render = self._render_outputs(depth, opacity, comp_normal, c2w, kwargs.get("fovy"))
         out = self.distillation(
@@ -292,12 +329,59 @@ class SteinScoreDistillationGuidance(BaseModule):
             t_range=(self.min_t, self.max_t),
             generator=self.generator,
             rgb_as_latents=rgb_as_latents,
+            c2w=c2w if self.cfg.estimator == "vsd" else None,
         )
         result: dict[str, Any] = {"loss_ssd": out.loss, "min_step": self.min_t, "max_step": self.max_t}
+        result.update(out.stats)
         if out.loss_mu is not None:
             result["loss_mu"] = out.loss_mu
-        result.update(out.stats)
+        # the tensor (with its graph to the particle model), not the float copy in the statistics
+        if out.loss_vsd_particle is not None:
+            result["loss_vsd_particle"] = out.loss_vsd_particle
+        else:
+            result.pop("loss_vsd_particle", None)
         return result
+
+    def estimate_variance(
+        self,
+        rgb: torch.Tensor,
+        prompt_utils: Any,
+        elevation: torch.Tensor,
+        azimuth: torch.Tensor,
+        camera_distances: torch.Tensor,
+        depth: torch.Tensor | None = None,
+        opacity: torch.Tensor | None = None,
+        comp_normal: torch.Tensor | None = None,
+        c2w: torch.Tensor | None = None,
+        n_draws: int = 16,
+        generator: torch.Generator | None = None,
+        batch_size: int = 8,
+        rgb_as_latents: bool = False,
+        **kwargs: Any,
+    ) -> VarianceEstimate:
+        """Gradient variance of the configured estimator and of SDS at the FIRST view of a batch
+        (the same arguments as ``forward``): ``ScoreDistillation.estimate_variance`` with
+        ``n_draws`` draws of ``(t, eps)``, ``t ~ U[min_step, max_step]``, from ``generator`` (never
+        the guidance's own noise stream, which training continues undisturbed), the current ``mu``
+        or particle model (not updated). ``Var = E||g - E g||^2`` (trace of the covariance)."""
+        first = _first_view
+        self._check_camera(c2w)
+        x = rgb[:1].detach().permute(0, 3, 1, 2)
+        cond = self.condition(prompt_utils, elevation[:1], azimuth[:1], camera_distances[:1])
+        render = self._render_outputs(
+            first(depth), first(opacity), first(comp_normal), first(c2w), first(kwargs.get("fovy"))
+        )
+        return self.distillation.estimate_variance(
+            x,
+            cond,
+            render,
+            n_draws=n_draws,
+            generator=generator,
+            t_range=(self.min_t, self.max_t),
+            batch_size=batch_size,
+            rgb_as_latents=rgb_as_latents,
+            c2w=first(c2w) if self.cfg.estimator == "vsd" else None,
+        )
 
     def _render_outputs(self, depth, opacity, comp_normal, c2w, fovy) -> RenderOutputs | None:
         if not self.distillation.baselines:

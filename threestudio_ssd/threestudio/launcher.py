@@ -23,7 +23,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import threestudio
 
@@ -89,8 +91,11 @@ def _configure_logging(launch, args: argparse.Namespace) -> None:
             handler.addFilter(launch.ColoredFilter())
 
 
-def run_on_cpu(args: argparse.Namespace, extras: list[str], launch, root: str) -> None:
-    """``launch.py``'s ``main`` with a CPU trainer (see the module docstring)."""
+def run_on_cpu(
+    args: argparse.Namespace, extras: list[str], launch, root: str, extra_callbacks: Sequence[Any] = ()
+) -> None:
+    """``launch.py``'s ``main`` with a CPU trainer (see the module docstring). ``extra_callbacks``
+    (Lightning callbacks) join threestudio's for training, e.g. a benchmark's evaluation."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -129,6 +134,7 @@ def run_on_cpu(args: argparse.Namespace, extras: list[str], launch, root: str) -
             callbacks.append(ProgressCallback(save_path=os.path.join(cfg.trial_dir, "progress")))
         else:
             callbacks.append(CustomProgressBar(refresh_rate=1))
+        callbacks += list(extra_callbacks)
         os.makedirs(os.path.join(cfg.trial_dir, "tb_logs"), exist_ok=True)
         loggers += [
             TensorBoardLogger(cfg.trial_dir, name="tb_logs"),

@@ -16,12 +16,26 @@ Renderer keys read: ``comp_rgb``, ``opacity`` (or the Gaussian-splatting extensi
 ``comp_mask``), ``depth`` (or ``comp_depth``), ``comp_normal``; ``c2w`` comes from the batch.
 Every scalar the guidance returns is logged as ``train/<name>``; each ``loss_<x>`` it returns is
 weighted by ``system.loss.lambda_<x>``.
+
+Variance monitor (``system.variance_monitor: {every: N, n_draws: K}``, off with ``every: 0``): every
+``N`` steps, at the current render of the batch's first view, ``K`` independent draws of
+``(t, eps)`` give the gradient variance ``E||g - E g||^2`` of the configured estimator and of SDS on
+the SAME draws (``SteinScoreDistillationGuidance.estimate_variance``, i.e.
+``ScoreDistillation.estimate_variance``), from a generator seeded with
+``variance_monitor.seed * 1000003 + step`` (so every arm of a comparison sees the same draws at a
+step, and training's own noise stream is untouched). Logged to every logger (TensorBoard, CSV) at
+that step as ``variance/var_estimator``, ``variance/var_sds``, ``variance/ratio``; kept in the
+checkpoint, and written at the end of training to ``<save>/variance_monitor.json`` and
+``<save>/variance_monitor.png`` (both variances and their ratio against the step).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import threestudio
@@ -34,6 +48,39 @@ from threestudio_ssd.threestudio.guidance import SteinScoreDistillationGuidance
 from threestudio_ssd.threestudio.registry import register
 
 STAGES = ("coarse", "geometry", "texture")
+#: the monitor's generator at step ``k`` is seeded ``seed * MONITOR_SEED_STRIDE + k``
+MONITOR_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class VarianceMonitorConfig:
+    """``system.variance_monitor`` (module docstring)."""
+
+    every: int = 0  # steps between estimates; 0: off
+    n_draws: int = 16  # (t, eps) draws per estimate
+    batch_size: int = 8  # draws evaluated per call of the score model
+    seed: int = 0
+
+
+def parse_variance_monitor(values: Any) -> VarianceMonitorConfig:
+    """``system.variance_monitor`` (a mapping, possibly empty) as a checked
+    :class:`VarianceMonitorConfig`; unknown keys and bad values raise naming the key."""
+    values = dict(values or {})
+    known = set(VarianceMonitorConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"system.variance_monitor: unknown key(s) {unknown}; known: {sorted(known)}")
+    numbers = {}
+    for key, value in values.items():
+        try:
+            numbers[key] = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"system.variance_monitor.{key} must be an integer, got {value!r}") from None
+    monitor = VarianceMonitorConfig(**numbers)
+    for key, low in (("every", 0), ("n_draws", 2), ("batch_size", 1)):
+        if getattr(monitor, key) < low:
+            raise ValueError(f"system.variance_monitor.{key} must be >= {low}, got {getattr(monitor, key)}")
+    return monitor
 
 
 def render_geometry_for_guidance(out: dict[str, Any]) -> dict[str, Tensor | None]:
@@ -54,18 +101,26 @@ class SteinDreamer(BaseLift3DSystem):
     class Config(BaseLift3DSystem.Config):
         # in ["coarse", "geometry", "texture"], as in prolificdreamer-system
         stage: str = "coarse"
+        variance_monitor: dict = field(default_factory=dict)  # VarianceMonitorConfig's keys
 
     cfg: Config
 
     def configure(self) -> None:
         if self.cfg.stage not in STAGES:
             raise ValueError(f"system.stage={self.cfg.stage!r} is not one of {list(STAGES)}")
+        self.monitor = parse_variance_monitor(self.cfg.variance_monitor)
+        self.variance_history: list[dict[str, float]] = []
         super().configure()  # geometry, material, background, renderer
         # built here, not in on_fit_start, so that the guidance's learnable control-variate
         # weights exist when Lightning calls configure_optimizers (ProlificDreamer's pattern)
         self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         self.prompt_utils = self.prompt_processor()
+        if self.monitor.every > 0 and not isinstance(self.guidance, SteinScoreDistillationGuidance):
+            raise ValueError(
+                "system.variance_monitor needs guidance_type: stein-score-distillation-guidance, got "
+                f"{self.cfg.guidance_type!r}"
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -94,12 +149,10 @@ class SteinDreamer(BaseLift3DSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         out = self(batch)
         guidance_inp = out["comp_normal"] if self.cfg.stage == "geometry" else out["comp_rgb"]
-        guidance_out = self.guidance(
-            guidance_inp,
-            self.prompt_utils,
-            **{**batch, **render_geometry_for_guidance(out)},
-            rgb_as_latents=False,
-        )
+        guidance_kwargs = {**batch, **render_geometry_for_guidance(out)}
+        guidance_out = self.guidance(guidance_inp, self.prompt_utils, **guidance_kwargs, rgb_as_latents=False)
+        if self.monitor.every > 0 and self.true_global_step % self.monitor.every == 0:
+            self.monitor_variance(guidance_inp, guidance_kwargs)
 
         loss = 0.0
         for name, value in guidance_out.items():
@@ -121,6 +174,76 @@ class SteinDreamer(BaseLift3DSystem):
         for name, value in self.cfg.loss.items():
             self.log(f"train_params/{name}", self.C(value))
         return {"loss": loss}
+
+    # -- variance monitor -------------------------------------------------------------------------
+
+    def monitor_variance(self, guidance_inp: Tensor, guidance_kwargs: dict[str, Any]) -> dict[str, float]:
+        """One variance estimate at this step (module docstring), logged and kept in
+        ``variance_history``; returns the record."""
+        step = self.true_global_step
+        generator = torch.Generator().manual_seed(self.monitor.seed * MONITOR_SEED_STRIDE + step)
+        start = time.perf_counter()
+        est = self.guidance.estimate_variance(
+            guidance_inp,
+            self.prompt_utils,
+            n_draws=self.monitor.n_draws,
+            generator=generator,
+            batch_size=self.monitor.batch_size,
+            **guidance_kwargs,
+        )
+        record = {
+            "step": int(step),
+            "var_estimator": est.var_ssd,
+            "var_sds": est.var_sds,
+            "ratio": est.ratio,
+            "n_fallback": float(est.n_fallback),
+            "seconds": time.perf_counter() - start,
+        }
+        self.variance_history.append(record)
+        metrics = {f"variance/{k}": v for k, v in record.items() if k != "step"}
+        for logger in self.loggers:  # at this step, whatever trainer.log_every_n_steps is
+            logger.log_metrics(metrics, step=step)
+        return record
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["variance_monitor"] = list(self.variance_history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.variance_history = list(checkpoint.get("variance_monitor", []))
+
+    def on_train_end(self) -> None:
+        if self.variance_history:
+            self.save_variance_history()
+
+    def save_variance_history(self) -> tuple[str, str]:
+        """``<save>/variance_monitor.json`` and ``<save>/variance_monitor.png`` (both variances,
+        log scale, and their ratio against the step); returns their paths."""
+        from matplotlib.figure import Figure
+
+        history = sorted(self.variance_history, key=lambda r: r["step"])
+        json_path = self.get_save_path("variance_monitor.json")
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({"estimator": self.guidance.cfg.estimator, "history": history}, f, indent=1)
+        steps = [r["step"] for r in history]
+        fig = Figure(figsize=(9, 3.5))
+        ax_var, ax_ratio = fig.subplots(1, 2)
+        name = self.guidance.cfg.estimator.upper()
+        ax_var.plot(steps, [r["var_estimator"] for r in history], "o-", label=name)
+        ax_var.plot(steps, [r["var_sds"] for r in history], "s--", label="SDS (same draws)")
+        if all(r["var_estimator"] > 0 and r["var_sds"] > 0 for r in history):
+            ax_var.set_yscale("log")
+        ax_var.set(xlabel="step", ylabel="gradient variance (trace)", title="variance at the current view")
+        ax_var.legend()
+        ax_ratio.plot(steps, [r["ratio"] for r in history], "o-")
+        ax_ratio.axhline(1.0, color="grey", lw=0.8)
+        ax_ratio.set(xlabel="step", ylabel=f"Var {name} / Var SDS", title="variance ratio")
+        ratios = [r["ratio"] for r in history if math.isfinite(r["ratio"])]
+        if ratios:
+            ax_ratio.set_title(f"variance ratio (mean {sum(ratios) / len(ratios):.3g})")
+        fig.tight_layout()
+        png_path = self.get_save_path("variance_monitor.png")
+        fig.savefig(png_path, dpi=100)
+        return json_path, png_path
 
     def _coarse_regularizers(self, out: dict[str, Any]) -> Tensor | float:
         loss: Tensor | float = 0.0
