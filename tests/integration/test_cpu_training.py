@@ -66,6 +66,8 @@ def test_train_writes_checkpoint_metrics_images_and_video(trained):
         "3.png",
     ]
     assert (trial / "save" / "it3-test.mp4").stat().st_size > 0
+    # the variance monitor is off unless configured (system.variance_monitor.every: 0)
+    assert "variance/" not in metrics and not (trial / "save" / "variance_monitor.png").exists()
 
 
 def test_test_from_checkpoint_then_resume(trained, threestudio_root):
