@@ -503,7 +503,10 @@ def load_extractor(
     """A feature extractor from a local file: a classifier saved by ``train_feature_extractor``
     (recognised by its format tag) or, otherwise, torchvision Inception-v3 weights."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"feature extractor file {path} does not exist")
+        raise FileNotFoundError(
+            f"feature weights file {path} does not exist (an Inception-v3 state dict or a classifier saved "
+            "by lcss_prior.metrics.save_feature_extractor)"
+        )
     if is_feature_classifier_file(path):
         return load_feature_extractor(path, device)
     return load_inception(path, device)

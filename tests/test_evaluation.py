@@ -397,7 +397,7 @@ def test_ssd_eval_fid_uses_lcss_prior_metrics(tmp_path, capsys):
     main(["fid", str(a), str(b), *args])
     other = json.loads(capsys.readouterr().out)
     assert same["n_a"] == 12 and abs(same["fid"]) < 1e-6 and other["fid"] > 1e-3
-    with pytest.raises(FileNotFoundError, match="feature weights .*nope.pt do not exist"):
+    with pytest.raises(FileNotFoundError, match="feature weights file .*nope.pt does not exist"):
         main(["fid", str(a), str(b), "--features", str(tmp_path / "nope.pt")])
 
 

@@ -260,6 +260,8 @@ def test_inception_loader_with_random_weights(inception_weights, tmp_path):
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
     assert not torch.allclose(feats[0], feats[1])
     assert isinstance(load_extractor(inception_weights), InceptionFeatures)
+    with pytest.raises(FileNotFoundError, match="feature weights file .*nope.pt does not exist"):
+        load_extractor(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_inception(tmp_path / "pt_inception.pth")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")

@@ -151,16 +151,6 @@ def _print_json(result: Any, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-def _load_feature_extractor(path: str) -> Any:
-    from lcss_prior.metrics import is_feature_classifier_file, load_feature_extractor, load_inception
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"feature weights {path} do not exist (Inception-v3 state dict or lcss_prior classifier)"
-        )
-    return load_feature_extractor(path) if is_feature_classifier_file(path) else load_inception(path)
-
-
 def _run(args: argparse.Namespace) -> int:
     from .report import evaluate_run, write_report
 
@@ -207,12 +197,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from lcss_prior.metrics import fid_kid_between_folders
+    from lcss_prior.metrics import fid_kid_between_folders, load_extractor
 
     result = fid_kid_between_folders(
         args.folder_a,
         args.folder_b,
-        _load_feature_extractor(args.features),
+        load_extractor(args.features),
         resolution=args.resolution,
         channels=args.channels,
         batch_size=args.batch_size,
