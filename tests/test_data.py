@@ -451,6 +451,25 @@ def test_shapes_cache_in_memory_and_on_disk(tmp_path):
         ShapesDataset(cache=bad, **kwargs)
 
 
+def test_shapes_stacked_is_the_collated_items(tmp_path):
+    kwargs = dict(size=330, resolution=4, seed=4, supersample=1)  # more than one chunk of 16 x 20
+    ds = ShapesDataset(**kwargs)
+    batch = ds.stacked(progress=False)
+    assert batch.keys() == {k for k in ds[0] if k != "caption"}
+    assert batch["label"].tolist() == [i % len(CAPTIONS) for i in range(330)]
+    for i in (0, 19, 20, 319, 320, 329):  # both sides of the chunk border
+        for key, value in ds[i].items():
+            if key != "caption":
+                assert torch.equal(batch[key][i], torch.as_tensor(value)), (i, key)
+    # the cache file holds the same batch (8-bit images are stored exactly)
+    cached = ShapesDataset(cache=tmp_path / "s.pt", **kwargs).stacked(progress=False)
+    assert cached.keys() == batch.keys()
+    for key in batch:
+        assert torch.equal(cached[key], batch[key]), key
+    lean = ShapesDataset(size=3, resolution=4, return_geometry=False, supersample=1).stacked(progress=False)
+    assert "depth" not in lean and lean["image"].shape == (3, 3, 4, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Digits
 # ---------------------------------------------------------------------------------------------

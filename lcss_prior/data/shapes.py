@@ -410,6 +410,11 @@ def _uniform(lo_hi: tuple[float, float], g: torch.Generator) -> float:
     return lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
 
 
+def _from_levels(levels: Tensor) -> Tensor:
+    """8-bit levels ``round(255 rgb)`` (uint8 or float) to the data range: ``levels / 127.5 - 1``."""
+    return levels.float() / 127.5 - 1.0
+
+
 class ShapesDataset(Dataset):
     """Multi-view renders of coloured primitives with captions and exact geometry.
 
@@ -547,17 +552,9 @@ class ShapesDataset(Dataset):
                     "delete it or choose another cache path"
                 )
             return blob["items"]
-        chunk = 16 * len(self.captions)  # 16 cameras per render_scene call
-        items = []
-        for start in tqdm(
-            range(0, self.size, chunk), desc=f"rendering shapes -> {path.name}", unit="chunk", leave=False
-        ):
-            items += self.render_items(range(start, min(start + chunk, self.size)))
-        stacked: dict[str, Tensor] = {
-            "image": torch.stack([torch.round((it["image"] + 1) * 127.5) for it in items]).to(torch.uint8)
-        }
-        for key in ("c2w", "elevation", "azimuth", "distance", "fovy", *self._geometry_keys()):
-            stacked[key] = torch.stack([it[key] for it in items])
+        rendered = self._render_stacked(desc=f"rendering shapes -> {path.name}")
+        stacked = {key: rendered[key] for key in self._stored_keys()}
+        stacked["image"] = torch.round((stacked["image"] + 1) * 127.5).to(torch.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         blob = {"format": _CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True), "items": stacked}
@@ -567,6 +564,36 @@ class ShapesDataset(Dataset):
 
     def _geometry_keys(self) -> tuple[str, ...]:
         return _GEOMETRY_KEYS if self.return_geometry else ()
+
+    def _stored_keys(self) -> tuple[str, ...]:
+        """The tensors a cache file holds per item (labels follow from the index)."""
+        return ("image", "c2w", "elevation", "azimuth", "distance", "fovy", *self._geometry_keys())
+
+    def _render_stacked(self, desc: str, progress: bool = True) -> dict[str, Tensor]:
+        """All items rendered by ``render_items`` in chunks of 16 cameras per caption, stacked."""
+        chunk = 16 * len(self.captions)  # 16 cameras per render_scene call
+        items = []
+        for start in tqdm(
+            range(0, self.size, chunk), desc=desc, unit="chunk", leave=False, disable=not progress
+        ):
+            items += self.render_items(range(start, min(start + chunk, self.size)))
+        stacked = {key: torch.stack([it[key] for it in items]) for key in self._stored_keys()}
+        stacked["label"] = torch.tensor([it["label"] for it in items])
+        return stacked
+
+    def stacked(self, progress: bool = True) -> dict[str, Tensor]:
+        """All ``size`` items as one batch, equal to ``default_collate([self[i] for i in range(size)])``
+        without the caption strings: ``image [N, 3, H, W]`` in ``[-1, 1]``, ``label [N]``, ``c2w [N, 4, 4]``,
+        ``elevation``, ``azimuth``, ``distance``, ``fovy [N]`` and, with ``return_geometry``, ``depth``,
+        ``mask``, ``normal``. Read from the cache file when there is one; otherwise rendered in batched
+        ``render_items`` calls (tqdm bar unless ``progress=False``).
+        """
+        if self._stored is None:
+            return self._render_stacked(desc="rendering shapes", progress=progress)
+        out = {key: self._stored[key] for key in self._stored_keys()}
+        out["image"] = _from_levels(out["image"])
+        out["label"] = torch.arange(self.size) % len(self.captions)
+        return out
 
     # -- items ----------------------------------------------------------------------------
 
@@ -616,7 +643,7 @@ class ShapesDataset(Dataset):
             rgb8 = torch.round(out["rgb"].clamp(0, 1) * 255)
             for row, (index, cam) in enumerate(zip(group, cams)):
                 item = {
-                    "image": (rgb8[row].permute(2, 0, 1) / 127.5 - 1.0).contiguous(),
+                    "image": _from_levels(rgb8[row].permute(2, 0, 1)).contiguous(),
                     "label": label,
                     "caption": self.captions[label],
                     **cam,
@@ -633,12 +660,13 @@ class ShapesDataset(Dataset):
         if self._stored is not None:
             label = index % len(self.captions)
             item = {
-                "image": self._stored["image"][index].float() / 127.5 - 1.0,
+                "image": _from_levels(self._stored["image"][index]),
                 "label": label,
                 "caption": self.captions[label],
             }
-            for key in ("c2w", "elevation", "azimuth", "distance", "fovy", *self._geometry_keys()):
-                item[key] = self._stored[key][index]
+            for key in self._stored_keys():
+                if key != "image":
+                    item[key] = self._stored[key][index]
             return item
         if self._memory is not None:
             if index not in self._memory:

@@ -78,9 +78,9 @@ def render_split(
     ds = ShapesDataset(
         size=size, resolution=resolution, seed=seed, split=split, supersample=supersample, cache=cache
     )
-    items = [ds[i] for i in tqdm(range(size), desc=f"rendering {split} views", leave=False)]
-    out = {key: torch.stack([it[key] for it in items]) for key in ("depth", "mask", "normal", "c2w", "fovy")}
-    out["rgb"] = (torch.stack([it["image"] for it in items]) + 1.0) / 2.0
+    batch = ds.stacked()  # batched renders, or the cache file read back
+    out = {key: batch[key] for key in ("depth", "mask", "normal", "c2w", "fovy")}
+    out["rgb"] = (batch["image"] + 1.0) / 2.0
     out["disparity"] = depth_to_disparity(out["depth"], out["mask"])
     return out
 
