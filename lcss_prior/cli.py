@@ -24,7 +24,7 @@ from typing import Any
 PROG = "lcss-prior"
 DELEGATED = {
     "sample": ("lcss_prior.sampling", "draw samples from an exported prior into a PNG grid"),
-    "eval": ("lcss_prior.evaluate", "bits/dim and FID of an exported prior"),
+    "eval": ("lcss_prior.evaluate", "bits/dim, FID, KID and classifier accuracy of an exported prior"),
 }
 TRAIN_LAZY_DEFAULTS = (
     "default: per data set (digits: 8 px, tiny, batch 64, 4000 steps; shapes: 32 px, tiny, 32, 3000)"
