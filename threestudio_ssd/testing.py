@@ -81,30 +81,12 @@ def make_tiny_prior(
 
 
 def make_tiny_depth_estimator(folder: str | os.PathLike, resolution: int = 16, seed: int = 0) -> Path:
-    """A transformers DPT depth checkpoint (``save_pretrained``) with a 4-layer, 32-wide ViT at
-    ``resolution`` px, patch 4. The neck/head convolutions get PyTorch's default initialisation and
-    the last bias 1 (transformers' N(0, 0.02^2) init makes a fresh DPT output ~1e-8, flat after
-    its ReLU), so the random network's output varies with the image."""
-    from transformers import DPTConfig, DPTForDepthEstimation
+    """A transformers DPT depth checkpoint (``save_pretrained``, no image-processor config) with a
+    4-layer, 32-wide ViT at ``resolution`` px, patch 4: the trainer's own ``build_model`` (whose
+    neck/head initialisation keeps a random DPT's output varying with the image), untrained."""
+    from threestudio_ssd.depth.train import build_model
 
     folder = Path(folder)
-    config = DPTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=resolution,
-        patch_size=4,
-        backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_in_index=-1,
-    )
-    torch.manual_seed(seed)
-    model = DPTForDepthEstimation(config)
-    for module in (*model.neck.modules(), *model.head.modules()):
-        if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
-            module.reset_parameters()
-    torch.nn.init.constant_(model.head.head[-2].bias, 1.0)
+    model = build_model(resolution, hidden_size=32, layers=4, heads=2, patch_size=4, seed=seed).model
     model.save_pretrained(folder)
     return folder
