@@ -3,9 +3,9 @@
 The checkout comes from ``THREESTUDIO_SRC``. Without it every test here is skipped; with
 ``REQUIRE_THREESTUDIO=1`` a missing checkout or a missing dependency is a failure instead.
 
-``threestudio_root`` builds a temporary threestudio root: symlinks to the checkout's
-``launch.py``, ``threestudio/``, ``load/`` and ``extern/`` (imported by threestudio), and ``custom/threestudio-ssd`` pointing at this
-repository, exactly how a user installs the extension. Code that must see a fresh registry
+``threestudio_root`` builds a temporary threestudio root (``make_extension_root``): symlinks to the
+checkout's ``launch.py``, ``threestudio/``, ``load/`` and ``extern/`` (imported by threestudio), and
+``custom/threestudio-ssd`` pointing at this repository, exactly how a user installs the extension. Code that must see a fresh registry
 (threestudio's is one global dict) or that writes ``outputs/`` runs in a subprocess there
 (:func:`run_python`); the rest imports threestudio in-process through ``threestudio_ts``.
 """
@@ -53,14 +53,12 @@ def threestudio_src() -> Path:
 
 
 @pytest.fixture(scope="session")
-def threestudio_root(threestudio_src: Path, tmp_path_factory) -> Path:
-    """A temporary threestudio root with this repository in ``custom/threestudio-ssd``."""
-    root = tmp_path_factory.mktemp("threestudio_root")
-    for name in ("launch.py", "threestudio", "load", "extern"):
-        (root / name).symlink_to(threestudio_src / name)
-    (root / "custom").mkdir()
-    (root / "custom" / "threestudio-ssd").symlink_to(REPO, target_is_directory=True)
-    return root
+def threestudio_root(threestudio_ts, threestudio_src: Path, tmp_path_factory) -> Path:
+    """A temporary threestudio root with this repository in ``custom/threestudio-ssd``
+    (``threestudio_ssd.threestudio.checkout.make_extension_root``, as the benchmarks build it)."""
+    from threestudio_ssd.threestudio.checkout import make_extension_root
+
+    return make_extension_root(threestudio_src, tmp_path_factory.mktemp("threestudio_root"), REPO)
 
 
 def subprocess_env() -> dict[str, str]:

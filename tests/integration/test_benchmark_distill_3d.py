@@ -1,0 +1,90 @@
+"""Smoke test of ``benchmarks/distill_3d.py --quick``: the three arms run through the real
+threestudio launcher path on tiny random models, side by side, and every output (JSON, PNGs,
+markdown) exists with finite numbers. The numbers themselves are the benchmark's business."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = REPO / "benchmarks" / "distill_3d.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("distill_3d", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monkeypatch):
+    monkeypatch.setenv("THREESTUDIO_SRC", str(threestudio_src))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bench = load_script()
+    out = tmp_path / "distill_3d"
+    result = bench.main(["--quick", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    for name in ("distill_3d.json", "iou_psnr.png", "variance_ratio.png"):
+        assert (out / name).stat().st_size > 0, name
+    markdown = (tmp_path / "distill_3d.md").read_text()
+    assert all(f"| {arm.upper()} |" in markdown for arm in bench.ARMS)
+    saved = json.loads((out / "distill_3d.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    runs = saved["runs"]["0"]
+    assert set(runs) == set(bench.ARMS)
+    for arm, record in runs.items():
+        assert record["estimator"] == arm
+        assert [e["step"] for e in record["evals"]] == [0, 2, 4], arm
+        for e in record["evals"]:
+            assert len(e["iou"]) == 2 and all(0.0 <= v <= 1.0 for v in e["iou"])
+            assert math.isfinite(e["psnr_foreground_mean"]) and math.isfinite(e["psnr_full_mean"])
+        assert [s["step"] for s in record["steps"]] == [1, 2, 3, 4]
+        assert all(s["seconds"] > 0 for s in record["steps"])
+        monitor = record["variance_monitor"]
+        assert [r["step"] for r in monitor] == [0, 2]
+        assert all(math.isfinite(r["ratio"]) and r["var_sds"] > 0 for r in monitor)
+    assert all(r["ratio"] == 1.0 for r in runs["sds"]["variance_monitor"])  # SDS against itself
+    assert runs["ssd"]["variance_monitor"][0]["n_fallback"] == 0  # the depth baseline ran
+    for summary in saved["summary"]["arms"].values():
+        assert math.isfinite(summary["final_iou_mean"]) and math.isfinite(
+            summary["step_time_ratio_to_sds_mean"]
+        )
+    assert saved["summary"]["arms"]["sds"]["step_time_ratio_to_sds_mean"] == 1.0
+
+
+def test_summary_helpers():
+    bench = load_script()
+    evals = [{"step": 0, "iou_mean": 0.2}, {"step": 10, "iou_mean": 0.6}, {"step": 20, "iou_mean": 0.5}]
+    assert bench.first_step_reaching(evals, 0.55) == 10
+    assert bench.first_step_reaching(evals, 0.7) is None
+    curve = bench.mean_curve(
+        [evals, [{"step": 0, "iou_mean": 0.4}, {"step": 10, "iou_mean": 0.8}]], "iou_mean"
+    )
+    assert [c["step"] for c in curve] == [0, 10]  # only steps evaluated in every run
+    assert curve[1] == {"step": 10, "mean": pytest.approx(0.7), "min": 0.6, "max": 0.8}
+    # step times only while every arm was running: b finished at wall 2, so a's steps after it are out
+    records = {
+        "a": {"steps": [{"wall_start": w, "seconds": w} for w in (0.0, 1.0, 2.0, 3.0)]},
+        "b": {"steps": [{"wall_start": w, "seconds": 9.0} for w in (0.0, 2.0)]},
+    }
+    assert bench.overlap_step_times(records) == {"a": [0.0, 1.0, 2.0], "b": [9.0, 9.0]}
+
+
+def test_bad_arguments_are_named(tmp_path):
+    bench = load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path)])  # no --prior without --quick
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--arms", "sds,ssd-typo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prior", "p", "--arms", "ssd", "--out", str(tmp_path)])  # ssd needs the DPT
+    settings, _ = bench.parse_args(["--quick", "--arms", "vsd", "--out", str(tmp_path)])
+    assert settings.arms == ["sds", "vsd"] and settings.seeds == [0]  # SDS is always there
