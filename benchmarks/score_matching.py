@@ -9,9 +9,9 @@ network, loss and optimiser; ``lcss_prior.train.train`` trains; ``lcss_prior.eva
    methods``) each method runs ``k`` optimiser steps (label dropout, loss forward, backward,
    gradient clipping, AdamW step), timed by phase. Reported: median seconds per step and the
    median over rounds of the ratio to DSM *in the same round* (both saw the same machine load),
-   with its inter-quartile range. Peak memory: in a fresh subprocess per configuration, with
-   glibc's mmap threshold fixed at 64 KiB (freed tensors go back to the OS at once), after a
-   warm-up step (optimiser state allocated), ``malloc_trim``, then the peak resident set
+   with its inter-quartile range. Peak memory (``peak_memory_during``): in one fresh process with
+   glibc's mmap threshold fixed at 64 KiB (freed tensors go back to the OS at once), per method
+   after a warm-up step (optimiser state allocated) and ``malloc_trim``, the peak resident set
    (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the step;
    on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step. One
    ``torch.profiler`` step per method lists where the time goes.
@@ -33,7 +33,7 @@ SSM's double backprop through the UNet's self-attention needs PyTorch's *math* a
 ``sdpa_kernel(MATH)``: the same network computation for all four.
 
     python benchmarks/score_matching.py --quick --out /tmp/sm          # a few minutes
-    python benchmarks/score_matching.py --shapes-cache /path/cache.pt  # the report (CPU: ~25 min)
+    python benchmarks/score_matching.py --no-progress                  # the report (2 CPUs: ~30 min)
     python benchmarks/score_matching.py --device cuda --digits-steps 4000 --digits-widths 32,64,64 \\
         --shapes-resolution 32 --shapes-steps 3000 --shapes-widths 32,64,64     # scaled up on a GPU
 """
@@ -1067,9 +1067,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="digits,shapes", help="quality comparisons to run (comma list)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     g = p.add_argument_group("part 1: cost")
-    g.add_argument("--timing-rounds", type=int, default=5)
-    g.add_argument("--timing-steps", type=int, default=2, help="optimiser steps per method per round")
-    g.add_argument("--memory-steps", type=int, default=2)
+    g.add_argument("--timing-rounds", type=int, default=6)
+    g.add_argument("--timing-steps", type=int, default=1, help="optimiser steps per method per round")
+    g.add_argument("--memory-steps", type=int, default=1)
     g.add_argument("--no-profile", dest="profile", action="store_false")
     g.add_argument(
         "--timing-presets",
