@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lcss_prior.sde import SDE, per_sample, randn_like
 
@@ -171,7 +172,8 @@ def ssm_loss(
     if int(n_projections) != n_projections or n_projections < 1:
         raise ValueError(f"n_projections must be a positive integer, got {n_projections!r}")
     m = int(n_projections)
-    with torch.enable_grad():
+    # The fused CPU attention kernels have no double backward; the math kernel does (same values).
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         xr = x.detach().repeat(m, *([1] * (x.dim() - 1))).requires_grad_(True)
         score = score_fn(xr)
         v = randn_like(xr, generator)

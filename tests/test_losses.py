@@ -473,3 +473,23 @@ def test_plain_losses_reject_bad_scales_by_name():
         ssm_loss(net, x, n_projections=0)
     with pytest.raises(ValueError, match="reduction"):
         lcss_loss(net, x, 0.1, reduction="none")
+
+
+def test_ssm_trains_a_network_with_self_attention():
+    """SSM needs a double backward through the network; the fused CPU attention kernels have none
+    (``lcss-prior train --method ssm`` once failed on the default UNet). A parameter gradient must
+    exist and be finite through an attention layer."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    proj = torch.nn.Linear(8, 8)
+
+    def score_fn(x):
+        tokens = x.reshape(x.shape[0], 2, 8)
+        out, _ = attn(tokens, tokens, tokens, need_weights=False)
+        return proj(out).reshape(x.shape)
+
+    loss = ssm_loss(score_fn, torch.randn(4, 16), generator=torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    grads = [p.grad for p in attn.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
