@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds per seed before the runs are killed"
     )
+    p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="run nothing: rebuild the summary from the records of --seeds already in --work-dir",
+    )
     p.add_argument("overrides", nargs="*", help="extra threestudio overrides (key=value) for every run")
     return p
 
@@ -420,7 +425,21 @@ def run_seed(settings: Settings, seed: int, root: Path, models: dict[str, str], 
             + "\n".join(f"--- {a} ---\n{t}" for a, t in tails.items())
         )
     records = {arm: json.loads(rec.read_text()) for arm, (_, _, rec) in procs.items()}
-    return records, {"before": list(load_before), "after": list(os.getloadavg())}
+    load = {"before": list(load_before), "after": list(os.getloadavg())}
+    (work / f"seed{seed}.load.json").write_text(json.dumps(load))
+    return records, load
+
+
+def read_seed(settings: Settings, seed: int, work: Path):
+    """The records of one finished seed from ``work`` (``--summarize-only``) and its load averages
+    (``None`` when they were not recorded)."""
+    paths = {arm: work / f"{arm}-seed{seed}.{RECORD}" for arm in settings.arms}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--summarize-only: seed {seed} has no record(s) {missing}")
+    load_path = work / f"seed{seed}.load.json"
+    load = json.loads(load_path.read_text()) if load_path.is_file() else {"before": None, "after": None}
+    return {arm: json.loads(p.read_text()) for arm, p in paths.items()}, load
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -510,6 +529,36 @@ def summarize(settings: Settings, records: dict[int, dict[str, dict[str, Any]]])
     return summary
 
 
+def compact_runs(records: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The records for the JSON, small: per-step lists as columns, floats to 5 significant digits,
+    wall-clock stamps relative to the seed's first step."""
+
+    def r5(x: Any) -> Any:
+        return float(f"{x:.5g}") if isinstance(x, float) else x
+
+    def columns(rows: list[dict[str, Any]], offset: float = 0.0) -> dict[str, list[Any]]:
+        keys = list(rows[0]) if rows else []
+        return {k: [r5(r[k] - offset) if k == "wall_start" else r5(r[k]) for r in rows] for k in keys}
+
+    out: dict[str, Any] = {}
+    for seed, arms in records.items():
+        t0 = min(r["steps"][0]["wall_start"] for r in arms.values() if r["steps"])
+        out[str(seed)] = {
+            arm: {
+                "estimator": r["estimator"],
+                "evals": [
+                    {k: [r5(v) for v in x] if isinstance(x, list) else r5(x) for k, x in e.items()}
+                    for e in r["evals"]
+                ],
+                "steps": columns(r["steps"], t0),
+                "var_proxy": columns(r["var_proxy"]),
+                "variance_monitor": [{k: r5(v) for k, v in m.items()} for m in r["variance_monitor"]],
+            }
+            for arm, r in arms.items()
+        }
+    return out
+
+
 def plot(settings: Settings, records: dict[int, dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -580,9 +629,11 @@ def write_markdown(settings: Settings, result: dict[str, Any], path: Path, comma
         f"{settings.monitor_every} steps with {settings.monitor_draws} draws. Arms of a seed ran at the same time "
         f"(one process each, {settings.threads} thread(s)); load average before/after each seed: "
         + "; ".join(
-            f"seed {s}: {_fmt(v['before'][0])} -> {_fmt(v['after'][0])}" for s, v in result["load"].items()
+            f"seed {s}: {_fmt(v['before'][0]) if v['before'] else 'not recorded'} -> "
+            f"{_fmt(v['after'][0]) if v['after'] else 'not recorded'}"
+            for s, v in result["load"].items()
         )
-        + f". Total wall time {result['wall_s'] / 60:.1f} min.",
+        + (f". Total wall time {result['wall_s'] / 60:.1f} min." if result["wall_s"] is not None else "."),
         "",
         "| arm | final IoU mean [min, max] | best IoU | PSNR fg / full (dB) | steps to IoU "
         f">= {settings.iou_target} (per seed) | steps to SDS's final IoU ({_fmt(summary['sds_final_iou'])}) "
@@ -628,29 +679,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.summarize_only and not args.work_dir:
+        raise SystemExit("--summarize-only needs the --work-dir of the runs")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="distill_3d_"))
     work.mkdir(parents=True, exist_ok=True)
-    root = make_extension_root(src, work / "threestudio_root")
     models = (
         quick_models(work / "models", settings.prompt)
-        if settings.quick
+        if settings.quick and not args.summarize_only
         else {"prior": settings.prior, "depth": settings.depth_model}
     )
     start = time.perf_counter()
     records, load = {}, {}
-    for seed in settings.seeds:
-        records[seed], load[seed] = run_seed(settings, seed, root, models, work, args.timeout)
+    if args.summarize_only:
+        for seed in settings.seeds:
+            records[seed], load[seed] = read_seed(settings, seed, work)
+    else:
+        root = make_extension_root(src, work / "threestudio_root")
+        for seed in settings.seeds:
+            records[seed], load[seed] = run_seed(settings, seed, root, models, work, args.timeout)
     summary = summarize(settings, records)
     result = {
         "settings": asdict(settings),
         "models": models,
         "work_dir": str(work),
-        "wall_s": time.perf_counter() - start,
+        "wall_s": None if args.summarize_only else time.perf_counter() - start,
         "load": {str(k): v for k, v in load.items()},
         "summary": summary,
-        "runs": {str(s): r for s, r in records.items()},
+        "runs": compact_runs(records),
     }
-    (out / "distill_3d.json").write_text(json.dumps(result, indent=1))
+    (out / "distill_3d.json").write_text(json.dumps(result))
     plot(settings, records, summary, out)
     command = "python benchmarks/distill_3d.py " + " ".join(argv)
     write_markdown(settings, result, Path(str(out).rstrip("/") + ".md"), command)
