@@ -463,11 +463,16 @@ def mean_curve(runs: list[list[dict[str, Any]]], key: str) -> list[dict[str, flo
     return out
 
 
-def overlap_step_times(records: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+def overlap_step_times(records: dict[str, dict[str, Any]]) -> tuple[dict[str, list[float]], bool]:
     """Per arm, the step times of steps that started before the first arm finished (all arms of the
-    seed were running then, so they shared the same load)."""
+    seed were running then, so they shared the same load), and True. If some arm has no step in that
+    window (it started after another had finished, e.g. short runs on a busy machine), all steps of
+    every arm and False: those times did not share one load, and the summary says so."""
     end = min(r["steps"][-1]["wall_start"] for r in records.values())
-    return {arm: [s["seconds"] for s in r["steps"] if s["wall_start"] <= end] for arm, r in records.items()}
+    window = {arm: [s["seconds"] for s in r["steps"] if s["wall_start"] <= end] for arm, r in records.items()}
+    if all(window.values()):
+        return window, True
+    return {arm: [s["seconds"] for s in r["steps"]] for arm, r in records.items()}, False
 
 
 def summarize(settings: Settings, records: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -497,8 +502,10 @@ def summarize(settings: Settings, records: dict[int, dict[str, dict[str, Any]]])
         ]
         step_ratio = []
         medians = []
+        overlapped = []
         for s in seeds:
-            times = overlap_step_times(records[s])
+            times, ok = overlap_step_times(records[s])
+            overlapped.append(ok)
             med = statistics.median(times[arm])
             medians.append(med)
             step_ratio.append(med / statistics.median(times["sds"]))
@@ -523,6 +530,7 @@ def summarize(settings: Settings, records: dict[int, dict[str, dict[str, Any]]])
             "median_step_s_per_seed": medians,
             "step_time_ratio_to_sds_per_seed": step_ratio,
             "step_time_ratio_to_sds_mean": statistics.fmean(step_ratio),
+            "step_times_in_shared_window_per_seed": overlapped,
         }
     summary["sds_steps_to_final_iou"] = sds_steps_to_final
     summary["curves"] = curves

@@ -87,7 +87,11 @@ def test_summary_helpers():
         "a": {"steps": [{"wall_start": w, "seconds": w} for w in (0.0, 1.0, 2.0, 3.0)]},
         "b": {"steps": [{"wall_start": w, "seconds": 9.0} for w in (0.0, 2.0)]},
     }
-    assert bench.overlap_step_times(records) == {"a": [0.0, 1.0, 2.0], "b": [9.0, 9.0]}
+    assert bench.overlap_step_times(records) == ({"a": [0.0, 1.0, 2.0], "b": [9.0, 9.0]}, True)
+    # an arm that started after another finished has no shared window: all steps, flagged
+    records["c"] = {"steps": [{"wall_start": w, "seconds": 5.0} for w in (4.0, 5.0)]}
+    times, shared = bench.overlap_step_times(records)
+    assert not shared and times["c"] == [5.0, 5.0] and times["a"] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_bad_arguments_are_named(tmp_path):
