@@ -40,7 +40,7 @@ turns this off). One further SSD step is split by timers into its parts
 Peak memory: every arm in a fresh subprocess that loads only that arm's models (no sharing) and
 runs ``--memory-steps`` steps. On the CPU: resident set after loading (``VmRSS``), and the peak
 resident set during the steps (``VmHWM`` after resetting it through ``/proc/self/clear_refs``
-once the models are loaded), plus ``ru_maxrss`` (peak including loading). On CUDA:
+once the models are loaded; not ``ru_maxrss``, which a child inherits from its parent at exec). On CUDA:
 ``torch.cuda.memory_allocated`` after loading and ``torch.cuda.max_memory_allocated`` over the
 steps (peak reset after loading).
 
@@ -61,7 +61,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -788,8 +787,8 @@ MEMORY_METHOD_CPU = (
     "each arm in a fresh subprocess loading only its own models (no sharing) and running the given "
     "number of steps; VmRSS after loading (safetensors weights are memory-mapped: resident once "
     "used), VmRSS after the steps, and the peak resident set over the steps (VmHWM, reset through "
-    "/proc/self/clear_refs after loading; hwm_reset false means it includes loading); ru_maxrss "
-    "includes loading"
+    "/proc/self/clear_refs after loading; hwm_reset false means it includes loading). Not "
+    "ru_maxrss: Linux hands a child the parent's peak at exec"
 )
 MEMORY_METHOD_CUDA = (
     "each arm in a fresh subprocess loading only its own models (no sharing) and running the given "
@@ -846,7 +845,6 @@ def probe_memory(name: str, s: Settings) -> dict[str, Any]:
     else:
         result["rss_after_steps_gib"] = _proc_status_kib("VmRSS") * 1024 / GIB
         result["peak_rss_steps_gib"] = _proc_status_kib("VmHWM") * 1024 / GIB
-        result["ru_maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return result
 
 
@@ -1058,6 +1056,8 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
             result["breakdown_ssd"]["ssd_minus_sds_median"] = (
                 result["arms"]["ssd"]["median_s"] - result["arms"]["sds"]["median_s"]
             )
+    if not s.device.startswith("cuda"):
+        result["timing_process_peak_rss_gib"] = _proc_status_kib("VmHWM") * 1024 / GIB
     write_outputs(result, out_dir, tag)  # the timings are safe before the (long) memory probes
     del arms, shared, inputs
     gc.collect()
