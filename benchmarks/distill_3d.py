@@ -1,5 +1,6 @@
-"""3-D distillation on a CPU against a known object: SDS vs VSD vs SSD with the REAL threestudio
-system, data module and renderer, from the same seeds.
+"""3-D distillation on a CPU against a known object: SDS vs VSD vs SSD (and SSD with its constant
+baseline alone, ``const``) with the REAL threestudio system, data module and renderer, from the
+same seeds.
 
 Each run is ``python -m threestudio_ssd.launch``'s CPU path (``launcher.run_on_cpu``: threestudio's
 ``load_config``, ``random-camera-datamodule``, ``steindreamer-system``, ``implicit-volume`` with
@@ -57,13 +58,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("sds", "vsd", "ssd")
+ARMS = ("sds", "vsd", "ssd", "const")
 CONFIGS = {
     "sds": "sds-cpu-shapes.yaml",
     "vsd": "vsd-cpu-shapes.yaml",
     "ssd": "steindreamer-cpu-shapes.yaml",
+    "const": "steindreamer-cpu-shapes.yaml",
 }
 """Arm -> its twin config in ``configs/`` (they differ in the estimator and its own keys only)."""
+ESTIMATORS = {"sds": "sds", "vsd": "vsd", "ssd": "ssd", "const": "ssd"}
+"""Arm -> the guidance's ``estimator``. ``const`` is SSD with the constant baseline only (same
+learned scalar ``mu`` as ``ssd``, no depth model): what the weight alone removes, so that the depth
+baseline's own share of SSD's reduction is ``ssd`` against ``const``, not against SDS."""
+CONST_OVERRIDES = ["system.guidance.baselines=[constant]", "system.guidance.depth_estimator_path=null"]
 RECORD = "distill_3d_record.json"
 
 
@@ -296,6 +303,7 @@ def make_callback(prompt: str, eval_every: int, record_path: str):
                 "var_proxy": self.proxy,
                 "variance_monitor": list(getattr(pl_module, "variance_history", [])),
                 "estimator": pl_module.guidance.cfg.estimator,
+                "baselines": list(pl_module.guidance.cfg.baselines),
             }
             Path(record_path).write_text(json.dumps(record))
 
@@ -335,6 +343,7 @@ def run_overrides(
         f"seed={seed}",
         f"system.guidance.seed={seed}",
         f"system.guidance.vsd_seed={seed}" if arm == "vsd" else None,
+        *(CONST_OVERRIDES if arm == "const" else []),
         f"exp_root_dir={runs_dir}",
         "name=distill3d",
         f"tag={arm}-seed{seed}",
@@ -353,7 +362,7 @@ def run_overrides(
         f"system.variance_monitor.n_draws={settings.monitor_draws}",
         f"system.variance_monitor.seed={seed}",
     ]
-    if models.get("depth"):
+    if models.get("depth") and arm != "const":
         out.append(f"system.guidance.depth_estimator_path={models['depth']}")
     return [o for o in out if o is not None] + settings.overrides
 
@@ -554,6 +563,7 @@ def compact_runs(records: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any
         out[str(seed)] = {
             arm: {
                 "estimator": r["estimator"],
+                "baselines": r.get("baselines"),
                 "evals": [
                     {k: [r5(v) for v in x] if isinstance(x, list) else r5(x) for k, x in e.items()}
                     for e in r["evals"]
@@ -573,7 +583,7 @@ def plot(settings: Settings, records: dict[int, dict[str, Any]], summary: dict[s
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    colors = {"sds": "tab:blue", "vsd": "tab:green", "ssd": "tab:red"}
+    colors = {"sds": "tab:blue", "vsd": "tab:green", "ssd": "tab:red", "const": "tab:orange"}
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
     for ax, key, label in (

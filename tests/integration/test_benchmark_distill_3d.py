@@ -41,7 +41,7 @@ def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monke
     runs = saved["runs"]["0"]
     assert set(runs) == set(bench.ARMS)
     for arm, record in runs.items():
-        assert record["estimator"] == arm
+        assert record["estimator"] == bench.ESTIMATORS[arm]
         assert [e["step"] for e in record["evals"]] == [0, 2, 4], arm
         for e in record["evals"]:
             assert len(e["iou"]) == 2 and all(0.0 <= v <= 1.0 for v in e["iou"])
@@ -53,6 +53,7 @@ def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monke
         assert all(math.isfinite(r["ratio"]) and r["var_sds"] > 0 for r in monitor)
     assert all(r["ratio"] == 1.0 for r in runs["sds"]["variance_monitor"])  # SDS against itself
     assert runs["ssd"]["variance_monitor"][0]["n_fallback"] == 0  # the depth baseline ran
+    assert runs["const"]["baselines"] == ["constant"] and runs["ssd"]["baselines"] == ["constant", "depth"]
     for summary in saved["summary"]["arms"].values():
         assert math.isfinite(summary["final_iou_mean"]) and math.isfinite(
             summary["step_time_ratio_to_sds_mean"]
