@@ -8,12 +8,21 @@ each is shown, in the same test, to flag a deliberately wrong variant.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lcss_prior.losses import SDELoss, dsm_loss, fdssm_loss, lcss_loss, ssm_loss
+from lcss_prior.losses import (
+    SDELoss,
+    dsm_loss,
+    fdssm_loss,
+    lcss_loss,
+    lcss_max_smoothing,
+    lcss_relative_bias,
+    ssm_loss,
+)
 from lcss_prior.sde import build_sde, randn_like
 
 F64 = torch.float64
@@ -130,6 +139,60 @@ def test_ssm_and_fdssm_minimisers_are_the_data_score(variance_reduced):
 # --------------------------------------------------------------------------------------------------
 # agreement with exact implicit score matching on a 2-D mixture with an MLP score
 # --------------------------------------------------------------------------------------------------
+
+
+def _lcss_minimiser_on_standard_normal(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``grad p_s / p`` for ``p = N(0, I_D)``, ``s = c``, in closed form (per row of ``x [N, D]``)."""
+    d, s2 = x.shape[1], c * c
+    log_ratio = 0.5 * x.pow(2).sum(1) * s2 / (1 + s2) - 0.5 * d * math.log1p(s2)
+    return -x * (log_ratio.exp() / (1 + s2))[:, None]
+
+
+def test_lcss_relative_bias_matches_monte_carlo_and_grows_with_the_dimension():
+    """``(1 - c^4)^-(D/2+1) - 1``, against a Monte-Carlo estimate of the minimiser's relative squared
+    error; the first-order form ``c^4 D / 2`` is flagged by the same check."""
+    d, c = 64, 0.3
+    x = torch.randn(200_000, d, generator=_gen(0), dtype=F64)
+    err = (_lcss_minimiser_on_standard_normal(x, c) + x).pow(2).sum(1) / d  # E||x||^2 = d
+    mean, se = _mean_se(err)
+    exact = lcss_relative_bias(c, d)
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert abs(mean - c**4 * d / 2) > 4 * se  # the first-order approximation is distinguishable
+    assert lcss_relative_bias(0.1, 64) < 0.004 < 0.15 < lcss_relative_bias(0.1, 3072)
+    for dim in (64, 3072, 16384):
+        assert lcss_relative_bias(lcss_max_smoothing(dim), dim) == pytest.approx(0.01, rel=1e-9)
+    with pytest.raises(ValueError, match="smoothing"):
+        lcss_relative_bias(1.5, 10)
+
+
+def test_lcss_loss_prefers_the_biased_minimiser_in_high_dimension():
+    """The implemented loss, not only the formula: at ``D = 3072``, ``c = 0.1`` LCSS scores
+    ``grad p_s / p`` *below* the true score ``-x`` by ``0.5 E||S* - S||^2``; at ``c = 0.01`` the gap
+    is within noise of its (tiny) predicted value."""
+    d = 3072
+    x = torch.randn(1500, d, generator=_gen(1), dtype=F64)
+    for c, seed in ((0.1, 2), (0.01, 3)):
+        biased = lcss_loss(lambda z, c=c: _lcss_minimiser_on_standard_normal(z, c), x, c, generator=_gen(seed))
+        true = lcss_loss(lambda z: -z, x, c, generator=_gen(seed))
+        mean, se = _mean_se(biased - true)
+        predicted = -0.5 * lcss_relative_bias(c, d) * d
+        assert abs(mean - predicted) < 4 * se + 1e-9, (c, mean, se, predicted)
+        if c == 0.1:
+            assert mean + 4 * se < 0  # the objective really does prefer the biased function
+
+
+def test_sde_loss_warns_once_when_the_smoothing_is_too_large_for_the_dimension():
+    sde = build_sde("vp")
+    net = lambda x, t, cond: 0.1 * x  # noqa: E731
+    x0 = torch.zeros(2, 3, 32, 32)
+    loss = SDELoss(sde, "lcss", smoothing=0.1)
+    with pytest.warns(UserWarning, match=r"c=0\.1 on 3072-dimensional data.*c <= 0\.05"):
+        loss(net, x0, generator=_gen(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(net, x0, generator=_gen(0))  # once per loss object
+        SDELoss(sde, "lcss", smoothing=0.01)(net, x0, generator=_gen(0))
+        SDELoss(sde, "lcss", smoothing=0.1)(net, x0[:, :1, :8, :8], generator=_gen(0))  # D = 64: 0.3%
 
 
 def test_lcss_expectation_converges_to_ism_as_smoothing_shrinks():
