@@ -27,12 +27,21 @@ The frozen score model and the baselines (which hold the depth network) are kept
 non-``Module`` container: they are neither in ``state_dict()`` nor in ``parameters()``, and
 ``.to(device)`` does not move them. The submodules are ``mu`` (``ControlVariateWeight``, SSD) and
 ``particle`` (``ParticleScoreModel``, VSD: it trains, so it is state and parameters).
+
+Resuming. ``state_dict()`` holds ``mu`` (the ``learned`` parameter, or the ``optimal`` weights and
+their running moments as buffers) and the particle model's weights; the optimiser state of both
+belongs to the caller's optimiser. Two things carry over from step to step outside
+``state_dict()``: VSD's particle generator (seeded ``vsd_seed``, advanced by every particle-training
+draw) and the running second moments behind the logged ``var_proxy_*``. ``resume_state()`` returns
+them and ``load_resume_state()`` restores them, so that a run restored from ``state_dict()``, the
+optimiser, the caller's generator and ``resume_state()`` continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +64,8 @@ from threestudio_ssd.stein import (
 from threestudio_ssd.vsd import ParticleScoreModel
 
 ESTIMATORS = ("ssd", "sds", "vsd")
+#: the keys of ``ScoreDistillation.resume_state()``
+RESUME_STATE_KEYS = ("particle_generator", "moments")
 WEIGHTINGS = ("sds", "uniform")
 RESIZE_RENDER = ("image", "render")
 
@@ -298,6 +309,65 @@ class ScoreDistillation(nn.Module):
             f"estimator={c.estimator!r}, score_model={type(self.score_model).__name__}, "
             f"baselines={list(self.baseline_names)}, include_constant={c.include_constant}"
         )
+
+    # -- resuming ------------------------------------------------------------------------------
+
+    def resume_state(self) -> dict[str, Any]:
+        """What carries over between steps outside ``state_dict()`` (module docstring), as plain
+        python objects and CPU tensors: ``particle_generator`` (VSD: ``{"device", "state"}`` of the
+        particle model's generator; ``None`` before its first draw and for SSD/SDS) and ``moments``
+        (the running second moments behind ``var_proxy_*``)."""
+        gen = self._particle_generator
+        return {
+            "particle_generator": None
+            if gen is None
+            else {"device": str(gen.device), "state": gen.get_state().clone()},
+            "moments": dict(self._moments),
+        }
+
+    def load_resume_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`resume_state` returned. A key missing from ``state`` (a checkpoint of an
+        older version) leaves that part fresh -- the particle generator restarts from ``vsd_seed``,
+        the moments from zero -- with a warning naming the key: the run then continues, but is not
+        the uninterrupted one. A generator saved on a device that does not exist here restarts
+        likewise, with a warning."""
+        missing = [key for key in RESUME_STATE_KEYS if key not in state]
+        if missing:
+            warnings.warn(
+                f"ScoreDistillation.load_resume_state: no {missing} in the saved state (an older "
+                "checkpoint?); the particle generator restarts from vsd_seed and the variance-proxy "
+                "moments from zero where missing, so the resumed run differs from an uninterrupted one",
+                stacklevel=2,
+            )
+        if "moments" in state:
+            moments = state["moments"]
+            absent = sorted(set(self._moments) - set(moments))
+            if absent:
+                raise ValueError(f"resume state 'moments' lacks {absent}, got keys {sorted(moments)}")
+            self._moments = {
+                "steps": int(moments["steps"]),
+                "grad_sq": float(moments["grad_sq"]),
+                "sds_sq": float(moments["sds_sq"]),
+            }
+        if "particle_generator" in state:
+            self._particle_generator = self._restore_generator(state["particle_generator"])
+
+    @staticmethod
+    def _restore_generator(saved: Mapping[str, Any] | None) -> torch.Generator | None:
+        """A generator on the saved device with the saved state (``None``: not drawn from yet)."""
+        if saved is None:
+            return None
+        try:
+            gen = torch.Generator(device=torch.device(saved["device"]))
+        except (RuntimeError, AssertionError) as err:  # no such device (or a CPU-only build)
+            warnings.warn(
+                f"ScoreDistillation.load_resume_state: cannot restore the particle generator of device "
+                f"{saved['device']!r} here ({err}); it restarts from vsd_seed",
+                stacklevel=3,
+            )
+            return None
+        gen.set_state(torch.as_tensor(saved["state"]).cpu())
+        return gen
 
     # -- the step ------------------------------------------------------------------------------
 

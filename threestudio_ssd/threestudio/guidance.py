@@ -32,6 +32,7 @@ and baselines live in a non-module container, out of the state dict and the opti
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ ESTIMATORS = ("ssd", "sds", "vsd")
 GEOMETRIC_BASELINES = ("depth", "normal")  # need a depth estimator and the render
 #: a pixel-space prior is not fed renders smaller than this fraction of its resolution
 MIN_RENDER_FRACTION = 0.5
+#: the keys of the guidance's checkpointed extra state (``get_extra_state``)
+EXTRA_STATE_KEYS = ("generator", "distillation")
 
 
 def _first_view(value: Any) -> Any:
@@ -94,7 +97,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         seed: int = 0  # noise generator (t, eps); its state is checkpointed
         # VSD only (threestudio_ssd.vsd.ParticleScoreModel): camera guidance of the particle model
         # (1: camera-conditioned only), share of its training samples with the null camera, LoRA
-        # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise
+        # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise (checkpointed)
         vsd_guidance_scale: float = 1.0
         vsd_camera_dropout: float = 0.1
         vsd_lora_rank: int | None = None
@@ -259,12 +262,30 @@ class SteinScoreDistillationGuidance(BaseModule):
         self.distillation.config.grad_clip = clip if clip is not None and clip > 0 else None
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The noise generator's state, so that a resumed run continues the same noise stream."""
-        return {"generator": self.generator.get_state()}
+        """What a resumed run needs beyond the parameters and buffers, so that it continues as an
+        uninterrupted one: ``generator``, the noise generator's state (``t``, ``eps``), and
+        ``distillation``, the estimator's ``ScoreDistillation.resume_state()`` (VSD's particle
+        generator, the variance-proxy moments). The particle model's weights and ``mu`` are ordinary
+        state-dict entries; the optimiser state of both is in Lightning's checkpoint."""
+        return {"generator": self.generator.get_state(), "distillation": self.distillation.resume_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        if state and "generator" in state:
+        """Restore :meth:`get_extra_state`; a checkpoint without one of its keys (an older version)
+        still loads, with a warning naming the key, and that part starts afresh."""
+        state = state or {}
+        missing = [key for key in EXTRA_STATE_KEYS if key not in state]
+        if missing:
+            warnings.warn(
+                f"guidance checkpoint: the extra state has no {missing} (saved by an older version?); that "
+                "state starts afresh ('generator' from guidance.seed; 'distillation': VSD's particle "
+                "generator from guidance.vsd_seed, the logged variance-proxy moments from zero), so the "
+                "resumed run differs from an uninterrupted one",
+                stacklevel=2,
+            )
+        if "generator" in state:
             self.generator.set_state(state["generator"].cpu())
+        if "distillation" in state:
+            self.distillation.load_resume_state(state["distillation"])
 
     # -- the step -------------------------------------------------------------------------------
 
