@@ -77,6 +77,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
     sys.path.insert(0, str(REPO))
 
+from threestudio_ssd.testing import tiny_sd_unet_config, tiny_sd_vae_config  # noqa: E402 - after the sys.path insert
+
 ARMS = ("sds", "ssd", "vsd", "sds-threestudio")
 THREESTUDIO_ARMS = ("vsd", "sds-threestudio")
 TEXT_LENGTH = 77  # CLIP's context length: threestudio's text embeddings are [*, 77, D]
@@ -189,34 +191,20 @@ DPT_HYBRID_MIDAS: dict[str, Any] = dict(
 # (hard-coded), so the LoRA UNet's time embedding must be 1280 wide (SD's is: 4 x 320). The tiny
 # ``--quick`` UNet gets ``time_embedding_dim=1280`` for its LoRA copy.
 VSD_TIME_EMBEDDING_DIM = 1280
-# ``--quick``: tiny random models at the real 512 px / 64x64-latent geometry. threestudio's SD
-# guidances resize every render to 512 px before their VAE, so a tiny VAE must still downsample by
-# 8 (``threestudio_ssd.testing.make_tiny_stable_diffusion``'s factor-2 VAE would give 256x256
-# latents there, and its attention matrices then take tens of GiB). The depth model is
+# ``--quick``: tiny random models at the real 512 px / 64x64-latent geometry, from
+# ``threestudio_ssd.testing``'s config builders. threestudio's SD guidances resize every render to
+# 512 px before their VAE, so a tiny VAE must still downsample by 8, i.e. have 4 levels (the
+# factor-2 VAE of ``make_tiny_stable_diffusion``'s default would give 256x256 latents there, and its
+# attention matrices then take tens of GiB). The depth model is
 # ``threestudio_ssd.testing.make_tiny_depth_estimator``'s.
-QUICK_UNET: dict[str, Any] = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
+QUICK_UNET: dict[str, Any] = tiny_sd_unet_config(
+    latent_size=64,
     block_out_channels=(16, 32),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=16,
     attention_head_dim=4,
     norm_num_groups=8,
 )
-QUICK_VAE: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(4, 4, 4, 4),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=512,
-)
+QUICK_VAE: dict[str, Any] = tiny_sd_vae_config(resolution=512, block_out_channels=(4,) * 4, norm_num_groups=4)
 # UNet config keys that do not change any parameter's shape: a LoRA copy that differs from the base
 # only in these shares the base's (random) weight file instead of drawing and writing 3.5 GB again.
 SHAPE_FREE_UNET_KEYS = frozenset({"sample_size", "upcast_attention"})

@@ -34,6 +34,7 @@ from threestudio_ssd.baselines import (
 from threestudio_ssd.depth import DepthEstimator
 from threestudio_ssd.depth.estimator import Preprocessing
 from threestudio_ssd.stein import baseline_value_and_grad
+from threestudio_ssd.testing import tiny_sd_vae_config
 
 FALSE_ALARM = 1e-4
 
@@ -399,17 +400,7 @@ def test_stein_control_variate_zero_mean_latent_path(views, depth_net):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    ).eval()
+    vae = AutoencoderKL(**tiny_sd_vae_config(32, block_out_channels=(8, 16), norm_num_groups=4)).eval()
     vae.requires_grad_(False)
     render = render_of(views, slice(4, 5))
     base = build_baseline("depth", estimator=depth_net)

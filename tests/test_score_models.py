@@ -33,13 +33,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make_tiny_sd(folder, prediction_type: str = "epsilon"):
-    return make_tiny_stable_diffusion(folder, prediction_type=prediction_type)
-
-
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +167,7 @@ def test_sd_repeat_cond_keeps_order(sd):
 
 
 def test_sd_v_prediction_is_converted_to_eps(tmp_path, sd_path):
-    folder = make_tiny_sd(tmp_path / "vpred", prediction_type="v_prediction")
+    folder = make_tiny_stable_diffusion(tmp_path / "vpred", prediction_type="v_prediction")
     model = StableDiffusionScoreModel(folder)
     assert model.prediction_type == "v_prediction"
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))

@@ -3,7 +3,9 @@
 Each builder writes a folder in the exact format a user's real model has, so that tests load it
 through the user-facing code path (``StableDiffusionScoreModel(path)``,
 ``LCSSPriorScoreModel(path)``, ``load_depth_estimator(path)``). The models are random: they test
-wiring and mathematics, never quality.
+wiring and mathematics, never quality. The Stable Diffusion parts are also available as diffusers
+config dicts (``tiny_sd_unet_config``, ``tiny_sd_vae_config``) for code that builds a model in
+memory or from configs of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -18,38 +21,84 @@ TINY_SD_TEXT_DIM = 32
 """``cross_attention_dim`` of the tiny Stable Diffusion UNet (text embeddings ``[2B, L, 32]``)."""
 
 
-def make_tiny_stable_diffusion(
-    folder: str | os.PathLike, prediction_type: str = "epsilon", seed: int = 0
-) -> Path:
-    """A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``scheduler/``) with random weights:
-    4-channel 8x8 latents, a VAE with down factor 2 (16 px images), SD's ``scaled_linear`` schedule
-    of 1000 steps, cross-attention dimension ``TINY_SD_TEXT_DIM``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
+def tiny_sd_unet_config(
+    latent_size: int = 8,
+    block_out_channels: Sequence[int] = (32, 64),
+    cross_attention_dim: int = TINY_SD_TEXT_DIM,
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 32,
+) -> dict[str, Any]:
+    """``UNet2DConditionModel`` keyword arguments of a tiny SD-shaped UNet on 4-channel
+    ``latent_size`` px latents: one level per width in ``block_out_channels`` (the first without
+    cross-attention, the others with it), one layer per block."""
+    n_levels = len(block_out_channels)
+    return dict(
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_SD_TEXT_DIM,
-        attention_head_dim=8,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
     )
-    vae = AutoencoderKL(
+
+
+def tiny_sd_vae_config(
+    resolution: int = 16, block_out_channels: Sequence[int] = (32, 64), norm_num_groups: int = 32
+) -> dict[str, Any]:
+    """``AutoencoderKL`` keyword arguments of a tiny VAE for ``resolution`` px RGB images and
+    4-channel latents: one level per width in ``block_out_channels``, so a down factor of
+    ``2 ** (len(block_out_channels) - 1)`` (2 levels: 2, SD's 4 levels: 8)."""
+    n_levels = len(block_out_channels)
+    return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
+        block_out_channels=tuple(block_out_channels),
         latent_channels=4,
         layers_per_block=1,
-        sample_size=16,
+        norm_num_groups=norm_num_groups,
+        sample_size=resolution,
     )
-    scheduler = DDPMScheduler(
+
+
+def make_tiny_stable_diffusion(
+    folder: str | os.PathLike,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    *,
+    scheduler: Literal["ddpm", "ddim"] = "ddpm",
+    resolution: int = 16,
+    unet_block_out_channels: Sequence[int] = (32, 64),
+    vae_block_out_channels: Sequence[int] = (32, 64),
+    norm_num_groups: int = 32,
+) -> Path:
+    """A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``scheduler/``) with random weights:
+    ``resolution`` px images, a VAE with down factor ``2 ** (len(vae_block_out_channels) - 1)``
+    (default: 2, so 8x8 latents of 4 channels), cross-attention dimension ``TINY_SD_TEXT_DIM``,
+    ``norm_num_groups`` in both networks, and SD's ``scaled_linear`` schedule of 1000 steps saved as
+    ``scheduler`` (``"ddpm"`` or ``"ddim"``) predicting ``prediction_type``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    schedulers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+    if scheduler not in schedulers:
+        raise ValueError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
+    down_factor = 2 ** (len(vae_block_out_channels) - 1)
+    if resolution % down_factor:
+        raise ValueError(f"resolution {resolution} is not divisible by the VAE's down factor {down_factor}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **tiny_sd_unet_config(
+            resolution // down_factor, unet_block_out_channels, norm_num_groups=norm_num_groups
+        )
+    )
+    vae = AutoencoderKL(**tiny_sd_vae_config(resolution, vae_block_out_channels, norm_num_groups))
+    noise_scheduler = schedulers[scheduler](
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -58,7 +107,7 @@ def make_tiny_stable_diffusion(
     )
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    scheduler.save_pretrained(folder / "scheduler")
+    noise_scheduler.save_pretrained(folder / "scheduler")
     return folder
 
 
@@ -68,25 +117,56 @@ def make_tiny_prior(
     resolution: int = 8,
     sde: str = "vp",
     seed: int = 0,
+    *,
+    block_out_channels: Sequence[int] = (32, 32),
+    norm_num_groups: int | None = None,
+    input_scaling: Literal["none", "edm"] = "none",
 ) -> Path:
     """An exported class-conditional LCSS prior folder (``lcss_prior.export.export_prior``) with a
-    random two-level UNet; ``null_class = len(captions)``."""
+    random UNet (``lcss_prior.model.build_unet``'s ``"tiny"`` preset with one level per width in
+    ``block_out_channels``, ``norm_num_groups`` when given) and the network input scaling
+    ``input_scaling``; ``null_class = len(captions)``."""
     from lcss_prior.export import export_prior
-    from lcss_prior.model import build_unet
+    from lcss_prior.model import EpsNetwork, build_unet
     from lcss_prior.sde import build_sde
 
     torch.manual_seed(seed)
-    unet = build_unet(resolution, 3, len(captions), block_out_channels=(32, 32), layers_per_block=1)
-    return export_prior(unet, build_sde(sde), folder, list(captions), resolution, 3, len(captions))
+    unet = build_unet(
+        resolution,
+        3,
+        len(captions),
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+    )
+    process = build_sde(sde)
+    network = EpsNetwork(unet, process, input_scaling=input_scaling)
+    return export_prior(network, process, folder, list(captions), resolution, 3, len(captions))
 
 
-def make_tiny_depth_estimator(folder: str | os.PathLike, resolution: int = 16, seed: int = 0) -> Path:
-    """A transformers DPT depth checkpoint (``save_pretrained``, no image-processor config) with a
-    4-layer, 32-wide ViT at ``resolution`` px, patch 4: the trainer's own ``build_model`` (whose
-    neck/head initialisation keeps a random DPT's output varying with the image), untrained."""
+def make_tiny_depth_estimator(
+    folder: str | os.PathLike,
+    resolution: int = 16,
+    seed: int = 0,
+    *,
+    hidden_size: int = 32,
+    patch_size: int = 4,
+    with_image_processor: bool = False,
+) -> Path:
+    """A transformers DPT depth checkpoint (``save_pretrained``) with a 4-layer, ``hidden_size``-wide
+    ViT at ``resolution`` px, patch ``patch_size``: the trainer's own ``build_model`` (whose
+    neck/head initialisation keeps a random DPT's output varying with the image), untrained. With
+    ``with_image_processor``, a ``DPTImageProcessor`` config at ``resolution`` px is saved too, like
+    a Hub checkpoint's (its preprocessing equals the one the loader infers without it)."""
     from threestudio_ssd.depth.train import build_model
 
     folder = Path(folder)
-    model = build_model(resolution, hidden_size=32, layers=4, heads=2, patch_size=4, seed=seed).model
+    model = build_model(
+        resolution, hidden_size=hidden_size, layers=4, heads=2, patch_size=patch_size, seed=seed
+    ).model
     model.save_pretrained(folder)
+    if with_image_processor:
+        from transformers import DPTImageProcessor
+
+        DPTImageProcessor(size={"height": resolution, "width": resolution}).save_pretrained(folder)
     return folder

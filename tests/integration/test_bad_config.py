@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .tiny_models import make_tiny_dpt, make_tiny_prior
+from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
+
+from .tiny_models import DPT, PRIOR
 
 pytestmark = pytest.mark.integration
 
@@ -14,7 +16,10 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_config_models")
-    return {"prior": make_tiny_prior(root / "prior", resolution=16), "dpt": make_tiny_dpt(root / "dpt")}
+    return {
+        "prior": make_tiny_prior(root / "prior", **PRIOR),
+        "dpt": make_tiny_depth_estimator(root / "dpt", **DPT),
+    }
 
 
 def build_guidance(ts, models, **overrides):

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
+
 from .conftest import run_python
-from .tiny_models import make_tiny_dpt, make_tiny_prior
+from .tiny_models import DPT, PRIOR
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +23,7 @@ CONFIG = "custom/threestudio-ssd/configs/steindreamer-cpu-shapes.yaml"
 @pytest.fixture(scope="module")
 def trained(threestudio_root: Path, tmp_path_factory):
     models = tmp_path_factory.mktemp("cpu_models")
-    prior, dpt = make_tiny_prior(models / "prior", resolution=16), make_tiny_dpt(models / "dpt")
+    prior, dpt = make_tiny_prior(models / "prior", **PRIOR), make_tiny_depth_estimator(models / "dpt", **DPT)
     small = [
         f"system.guidance.prior_path={prior}",
         f"system.guidance.depth_estimator_path={dpt}",

@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from .tiny_models import make_tiny_dpt, make_tiny_prior, make_tiny_sd, sd_prompt_utils, sphere_render
+from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior, make_tiny_stable_diffusion
+
+from .tiny_models import DPT, PRIOR, SD, sd_prompt_utils, sphere_render
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +26,9 @@ CAMERA = {
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     return {
-        "prior": make_tiny_prior(root / "prior", resolution=16),
-        "dpt": make_tiny_dpt(root / "dpt"),
-        "sd": make_tiny_sd(root / "sd"),
+        "prior": make_tiny_prior(root / "prior", **PRIOR),
+        "dpt": make_tiny_depth_estimator(root / "dpt", **DPT),
+        "sd": make_tiny_stable_diffusion(root / "sd", **SD),
     }
 
 

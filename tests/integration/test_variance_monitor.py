@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
+from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
+
 from .conftest import REPO, run_python
-from .tiny_models import make_tiny_dpt, make_tiny_prior
+from .tiny_models import DPT, PRIOR
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +35,10 @@ SMALL = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor_models")
-    return {"prior": make_tiny_prior(root / "prior", resolution=16), "dpt": make_tiny_dpt(root / "dpt")}
+    return {
+        "prior": make_tiny_prior(root / "prior", **PRIOR),
+        "dpt": make_tiny_depth_estimator(root / "dpt", **DPT),
+    }
 
 
 def test_parse_variance_monitor_names_bad_keys(threestudio_ts):

@@ -8,7 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from .tiny_models import make_tiny_prior, sphere_render
+from threestudio_ssd.testing import make_tiny_prior, make_tiny_stable_diffusion
+
+from .tiny_models import PRIOR, SD, sphere_render
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +23,7 @@ CAMERA = {
 
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory):
-    return make_tiny_prior(tmp_path_factory.mktemp("vsd_models") / "prior", resolution=16)
+    return make_tiny_prior(tmp_path_factory.mktemp("vsd_models") / "prior", **PRIOR)
 
 
 def vsd_guidance(ts, prior, **overrides):
@@ -107,13 +109,11 @@ def test_vsd_uses_the_camera(threestudio_ts, prior):
 
 
 def test_vsd_needs_a_pixel_prior(threestudio_ts, prior, tmp_path):
-    from .tiny_models import make_tiny_sd
-
     with pytest.raises(ValueError, match=r"guidance\.estimator.*'vsd'.*lcss-prior"):
         threestudio_ts.find("stein-score-distillation-guidance")(
             {
                 "score_model": "stable-diffusion",
-                "pretrained_model_name_or_path": str(make_tiny_sd(tmp_path / "sd")),
+                "pretrained_model_name_or_path": str(make_tiny_stable_diffusion(tmp_path / "sd", **SD)),
                 "half_precision_weights": False,
                 "estimator": "vsd",
             }

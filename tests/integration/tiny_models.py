@@ -1,98 +1,36 @@
-"""Tiny random models saved the way users' models are saved, loaded through users' code paths.
+"""The integration tests' tiny models and inputs.
 
-* an LCSS prior over the shapes captions, exported with ``lcss_prior.export.export_prior``;
-* a DPT depth model, ``save_pretrained`` (+ its image processor) like a Hub checkpoint;
-* a Stable-Diffusion-shaped folder (``unet/``, ``vae/``, ``scheduler/``), ``save_pretrained``;
-* a hand-built threestudio ``PromptProcessorOutput`` with random text embeddings (threestudio's
-  real prompt processors need a text encoder and a subprocess).
+The model folders come from ``threestudio_ssd.testing``'s builders (saved the way users' models
+are saved, loaded through users' code paths); here are the settings these tests build them with:
+
+* ``PRIOR``: an LCSS prior over the shapes captions (the CPU configs' prompts), 16 px;
+* ``DPT``: a DPT depth model with its image processor, like a Hub checkpoint;
+* ``SD``: a Stable-Diffusion-shaped folder (``unet/``, ``vae/``, DDIM ``scheduler/``), 16 px.
+
+Also a hand-built threestudio ``PromptProcessorOutput`` with random text embeddings (threestudio's
+real prompt processors need a text encoder and a subprocess) and a ray-traced sphere render.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import torch
 
-SD_TEXT_DIM = 32
+from lcss_prior.data.shapes import CAPTIONS
+from threestudio_ssd.testing import TINY_SD_TEXT_DIM
+
+PRIOR: dict[str, Any] = dict(
+    captions=CAPTIONS, resolution=16, block_out_channels=(8, 16), norm_num_groups=4, input_scaling="edm"
+)
+"""``make_tiny_prior`` keyword arguments."""
+DPT: dict[str, Any] = dict(resolution=32, hidden_size=16, patch_size=8, with_image_processor=True)
+"""``make_tiny_depth_estimator`` keyword arguments."""
+SD: dict[str, Any] = dict(
+    scheduler="ddim", unet_block_out_channels=(16, 32), vae_block_out_channels=(8, 16), norm_num_groups=8
+)
+"""``make_tiny_stable_diffusion`` keyword arguments (text embeddings ``[*, SD_TEXT_LEN, 32]``)."""
 SD_TEXT_LEN = 8
-
-
-def make_tiny_prior(folder: Path, resolution: int = 16, seed: int = 0) -> Path:
-    from lcss_prior.data.shapes import CAPTIONS
-    from lcss_prior.export import export_prior
-    from lcss_prior.model import EpsNetwork, build_unet
-    from lcss_prior.sde import build_sde
-
-    torch.manual_seed(seed)
-    sde = build_sde("vp")
-    unet = build_unet(
-        resolution,
-        3,
-        len(CAPTIONS),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention=(False, False),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
-    export_prior(EpsNetwork(unet, sde), sde, folder, CAPTIONS, resolution, 3, len(CAPTIONS))
-    return folder
-
-
-def make_tiny_dpt(folder: Path, seed: int = 0) -> Path:
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    torch.manual_seed(seed)
-    config = DPTConfig(
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-        patch_size=8,
-        backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[8, 8, 8, 8],
-        fusion_hidden_size=8,
-        reassemble_factors=[4, 2, 1, 0.5],
-        head_in_index=-1,
-    )
-    DPTForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-def make_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    """4-channel 8x8 latents, VAE factor 2 (16 px images), 32-dim text."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=SD_TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).save_pretrained(folder / "unet")
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(folder / "vae")
-    DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    ).save_pretrained(folder / "scheduler")
-    return folder
 
 
 def sd_prompt_utils(seed: int = 0):
@@ -111,7 +49,7 @@ def sd_prompt_utils(seed: int = 0):
     ]
 
     def emb(n: int) -> torch.Tensor:
-        return torch.randn(n, SD_TEXT_LEN, SD_TEXT_DIM, generator=g)
+        return torch.randn(n, SD_TEXT_LEN, TINY_SD_TEXT_DIM, generator=g)
 
     return PromptProcessorOutput(
         text_embeddings=emb(1),
