@@ -9,8 +9,9 @@ Per step, for a render ``rgb`` with gradient to the 3-D parameters (docs/ARCHITE
    ``eps_hat = eps(x_t, t, cond, s)`` (classifier-free guided, no gradient); ``w(t)``.
 2. Control variates: the constant baseline's ``h_0 = eps`` (``include_constant``) and, for SSD, one
    ``h_k = eps phi_k(x_t) - sigma_t grad_{x_t} phi_k(x_t)`` per baseline, all baselines evaluated on
-   ONE decode of ``x_t`` (``baseline_value_and_grad``); invalid or non-finite samples fall back to
-   ``eps`` and are counted.
+   ONE decode of ``x_t`` (``baseline_value_and_grad``; ``baseline_decoder="preview"``: the score
+   model's cheap ``decode_preview`` instead); invalid or non-finite samples fall back to ``eps`` and
+   are counted.
 3. ``grad = w (eps_hat - sum_k mu_k h_k)`` (``stein_gradient``) with ``mu`` from earlier steps
    (detached), so ``E[grad]`` is the SDS mean for every ``mu``; then ``mu`` is refit (``optimal``)
    or its loss returned (``learned``). SDS is the same path with ``h_0 = eps`` alone and ``mu = 1``:
@@ -68,6 +69,7 @@ ESTIMATORS = ("ssd", "sds", "vsd")
 RESUME_STATE_KEYS = ("particle_generator", "moments")
 WEIGHTINGS = ("sds", "uniform")
 RESIZE_RENDER = ("image", "render")
+BASELINE_DECODERS = ("full", "preview")
 
 
 @dataclass
@@ -92,6 +94,11 @@ class DistillationConfig:
         grad_clip: clip ``grad`` element-wise to ``[-c, c]`` after ``nan_to_num`` (``None``: off).
         resize_render: ``"image"`` resizes the render outputs to the decoded image (default),
             ``"render"`` resizes the decoded image (differentiably) to the render's resolution.
+        baseline_decoder: the image the baselines see: ``"full"`` (``score_model.decode``, the VAE
+            decoder for latent priors; default) or ``"preview"`` (``score_model.decode_preview``:
+            for Stable Diffusion a fitted per-pixel affine latent -> RGB map at latent resolution,
+            far cheaper; still unbiased, the variance reduction must be measured). Pixel priors:
+            the same.
         stats_ema: decay of the running second moments behind ``var_proxy_ratio``.
         vsd_guidance_scale: VSD: camera guidance ``s_c`` of the particle model (1: conditioned only).
         vsd_camera_dropout: VSD: share of particle-training samples that see the null camera.
@@ -113,6 +120,7 @@ class DistillationConfig:
     weighting: str = "sds"
     grad_clip: float | None = None
     resize_render: str = "image"
+    baseline_decoder: str = "full"
     stats_ema: float = 0.98
     vsd_guidance_scale: float = 1.0
     vsd_camera_dropout: float = 0.1
@@ -125,6 +133,7 @@ class DistillationConfig:
             ("estimator", ESTIMATORS),
             ("weighting", WEIGHTINGS),
             ("resize_render", RESIZE_RENDER),
+            ("baseline_decoder", BASELINE_DECODERS),
             ("mu_shape", ControlVariateWeight.SHAPES),
             ("mu_mode", ControlVariateWeight.MODES),
         ):
@@ -573,10 +582,11 @@ class ScoreDistillation(nn.Module):
         batch = x_t.shape[0]
         render = render.detached().expand(batch) if render.batch_size != batch else render.detached()
         sm, baselines, policy = self.score_model, self.baselines, self.config.resize_render
+        decode = sm.decode_preview if self.config.baseline_decoder == "preview" else sm.decode
         validity: list[Tensor] = []
 
         def phi_fn(x: Tensor) -> Tensor:
-            image = sm.decode(x)
+            image = decode(x)
             if policy == "image":
                 r = render.resized(*image.shape[-2:])
             else:

@@ -53,6 +53,16 @@ class ScoreModel(nn.Module, abc.ABC):
     def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
         """Model space to RGB in ``[0, 1]``; differentiable (the bridge to depth estimators)."""
 
+    def decode_preview(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
+        """A cheap differentiable image of ``x`` (RGB, about ``[0, 1]``) for SSD's geometric
+        baselines (``DistillationConfig.baseline_decoder="preview"``); any size, the baselines resize.
+
+        The Stein control variate is zero-mean for every differentiable ``phi``, so a cheaper image
+        keeps SSD unbiased and only changes how well ``phi`` tracks the score. Default: ``decode(x)``
+        (pixel priors such as the LCSS prior: nothing to save); latent priors override it.
+        """
+        return self.decode(x)
+
     @abc.abstractmethod
     def eps(
         self, x_t: Float[Tensor, "B C h w"], t: Float[Tensor, " B"], cond: Any, guidance_scale: float
@@ -76,4 +86,3 @@ class ScoreModel(nn.Module, abc.ABC):
 
     def train(self, mode: bool = True) -> ScoreModel:  # frozen: always eval
         return super().train(False)
-

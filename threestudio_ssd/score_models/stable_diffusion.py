@@ -7,14 +7,21 @@ frozen and in eval mode.
 Time: ``t`` in ``[0, 1]`` maps to the discrete training step ``idx = round(t * (T - 1))``;
 ``alpha(t) = sqrt(alpha_bar[idx])``, ``sigma(t) = sqrt(1 - alpha_bar[idx])`` and the UNet sees the
 same ``idx``, so ``x_t = alpha x0 + sigma eps`` is exactly the process the UNet was trained on.
+
+Preview decoder (``decode_preview``, SSD's ``baseline_decoder="preview"``): a per-pixel affine map
+latent (4) -> RGB (3) at the latent resolution, fitted to this VAE by least squares once, on first
+use (``fit_preview``), from synthetic images (``synthetic_fit_images``): no files, no network, no
+constants from elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from jaxtyping import Float
 from torch import Tensor
@@ -24,6 +31,11 @@ from threestudio_ssd.score_models.image import resize_image
 
 LATENT_SAMPLING = ("sample", "mean")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: how many synthetic images, and from which seed, ``fit_preview`` fits the preview map on
+PREVIEW_FIT_IMAGES = 4
+PREVIEW_FIT_SEED = 0
+
+logger = logging.getLogger(__name__)
 
 
 def _load(cls: Any, path: str, subfolder: str, **kwargs: Any) -> Any:
@@ -57,6 +69,10 @@ class StableDiffusionScoreModel(ScoreModel):
     The noise schedule (``alphas_cumprod``) and the prediction type are read from
     ``scheduler/scheduler_config.json`` (through ``DDPMScheduler``, as threestudio does).
     ``v_prediction`` UNets are converted to noise predictions with ``eps = sigma x_t + alpha v``.
+
+    ``decode_preview`` is the cheap image for SSD's baselines: ``preview_weight [3, C]`` and
+    ``preview_bias [3]`` (non-persistent buffers, ``None`` until ``fit_preview`` runs) and the
+    fit's ``preview_r2``.
     """
 
     space = "latent"
@@ -109,6 +125,9 @@ class StableDiffusionScoreModel(ScoreModel):
                 f"image_size={self.image_size} must be a multiple of the VAE's factor {self.vae_scale_factor}"
             )
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
+        self.register_buffer("preview_weight", None, persistent=False)
+        self.register_buffer("preview_bias", None, persistent=False)
+        self.preview_r2: float | None = None
         self.to(device)
         self.eval()
 
@@ -165,6 +184,58 @@ class StableDiffusionScoreModel(ScoreModel):
         self._check_latents(x, "decode")
         image = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
         return ((image + 1) / 2).to(x.dtype)
+
+    def decode_preview(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 h w"]:
+        """``rgb = W x + b`` per latent pixel (a 1x1 convolution), differentiable in ``x``.
+
+        ``W [3, C]`` and ``b [3]`` approximate ``avg_pool(decode(x))`` (the decoded image averaged
+        over each latent pixel's ``vae_scale_factor``-square footprint); they are fitted to this VAE
+        by ``fit_preview`` on the first call. The image stays at the latent resolution (64x64 for
+        512 px renders), not upsampled: the depth estimator resizes its input to its own size
+        anyway (DPT: 384 px), so upsampling here would add work and no information, and the render
+        outputs are resized to the preview (``resize_render="image"``). The cost is one 1x1
+        convolution, against the VAE decoder's forward and backward. Fitted on clean latents, the
+        map extrapolates linearly to noisy ``x_t``; SSD stays unbiased either way (the control
+        variate is zero-mean for every differentiable ``phi``). Returned in ``x``'s dtype.
+        """
+        self._check_latents(x, "decode_preview")
+        if self.preview_weight is None or self.preview_bias is None:
+            self.fit_preview()
+        weight = self.preview_weight.to(device=x.device, dtype=x.dtype)
+        bias = self.preview_bias.to(device=x.device, dtype=x.dtype)
+        return F.conv2d(x, weight[:, :, None, None], bias)
+
+    @torch.no_grad()
+    def fit_preview(self, n_images: int = PREVIEW_FIT_IMAGES, seed: int = PREVIEW_FIT_SEED) -> float:
+        """Fit ``decode_preview``'s affine map to this VAE and return the fit's ``R^2`` (logged).
+
+        ``n_images`` synthetic ``image_size`` px images (``synthetic_fit_images``) are encoded to
+        their posterior-mean latents (scaled, as ``encode`` returns them), decoded with the real
+        decoder (``decode``), the decodes average-pooled to the latent resolution, and
+        latents -> pooled RGB solved by least squares in float64 (``fit_affine_map``). Deterministic;
+        one VAE encode and decode per image (on a CPU, about half a minute per 512 px image).
+        """
+        if n_images < 1:
+            raise ValueError(f"fit_preview needs n_images >= 1, got {n_images}")
+        device = self.alphas_cumprod.device
+        latents, pooled = [], []
+        for image in synthetic_fit_images(n_images, self.image_size, seed).split(1):  # memory: one at a time
+            rgb = image.to(device=device, dtype=self.dtype)
+            z = self.vae.encode(2 * rgb - 1).latent_dist.mean * self.scaling_factor
+            latents.append(z.float().cpu())
+            pooled.append(F.avg_pool2d(self.decode(z).float(), self.vae_scale_factor).cpu())
+        weight, bias, r2 = fit_affine_map(torch.cat(latents), torch.cat(pooled))
+        self.preview_weight = weight.float().to(device)
+        self.preview_bias = bias.float().to(device)
+        self.preview_r2 = r2
+        logger.info(
+            "decode_preview of %s: latent -> RGB affine map fitted on %d synthetic %d px images, R^2 = %.4f",
+            self.pretrained_model_name_or_path,
+            n_images,
+            self.image_size,
+            r2,
+        )
+        return r2
 
     # -- noise prediction ----------------------------------------------------------------------
 
@@ -224,6 +295,55 @@ class StableDiffusionScoreModel(ScoreModel):
     def _check_latents(self, x: Tensor, where: str) -> None:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"{where} expects latents [B, {self.channels}, h, w], got {tuple(x.shape)}")
+
+
+def synthetic_fit_images(n: int, size: int, seed: int = PREVIEW_FIT_SEED) -> Float[Tensor, "n 3 size size"]:
+    """``n`` deterministic RGB images in ``[0, 1]`` to fit the preview decoder on (no files): a
+    smooth random colour field (a random ``k x k`` grid, ``k`` in 2..5, bicubically upsampled and
+    clamped) under four uniformly coloured discs and rectangles at random places and sizes, so that
+    the fit sees both smooth colour ranges and edges. Drawn from a CPU generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = []
+    for i in range(n):
+        cells = 2 + i % 4
+        field = torch.rand(1, 3, cells, cells, generator=g)
+        image = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=True)[0].clamp(0, 1)
+        for j in range(4):
+            colour = torch.rand(3, 1, 1, generator=g)
+            cx, cy, r = torch.rand(3, generator=g).tolist()
+            r = 0.08 + 0.22 * r
+            if j % 2 == 0:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            else:
+                mask = ((xx - cx).abs() < r) & ((yy - cy).abs() < 0.6 * r)
+            image = torch.where(mask, colour, image)
+        images.append(image)
+    return torch.stack(images)
+
+
+def fit_affine_map(
+    latents: Float[Tensor, "N C h w"], rgb: Float[Tensor, "N 3 h w"]
+) -> tuple[Float[Tensor, "3 C"], Float[Tensor, " 3"], float]:
+    """Least squares, in float64 on the CPU, of the per-pixel affine map ``rgb = weight z + bias``
+    over every pixel of every image: ``(weight [3, C], bias [3], R^2)`` with
+    ``R^2 = 1 - SS_res / SS_tot``, ``SS_tot`` about each channel's mean, both summed over channels."""
+    if latents.ndim != 4 or rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(
+            f"fit_affine_map expects latents [N, C, h, w] and rgb [N, 3, h, w], got "
+            f"{tuple(latents.shape)} and {tuple(rgb.shape)}"
+        )
+    if latents.shape[0] != rgb.shape[0] or latents.shape[2:] != rgb.shape[2:]:
+        raise ValueError(f"latents {tuple(latents.shape)} and rgb {tuple(rgb.shape)} must share N, h and w")
+    channels = latents.shape[1]
+    z = latents.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, channels)
+    y = rgb.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, 3)
+    design = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
+    solution = torch.linalg.lstsq(design, y).solution  # [C + 1, 3]
+    ss_res = (y - design @ solution).pow(2).sum()
+    ss_tot = (y - y.mean(0)).pow(2).sum()
+    r2 = (1 - ss_res / ss_tot).item() if ss_tot > 0 else float("nan")
+    return solution[:channels].T.contiguous(), solution[channels].contiguous(), r2
 
 
 def _gen_device(generator: torch.Generator | None, like: Tensor) -> torch.device:

@@ -42,7 +42,12 @@ from threestudio.utils.base import BaseModule
 from threestudio.utils.misc import C
 
 from threestudio_ssd.baselines import RenderOutputs, build_baseline, registered_baselines
-from threestudio_ssd.distillation import DistillationConfig, ScoreDistillation, VarianceEstimate
+from threestudio_ssd.distillation import (
+    BASELINE_DECODERS,
+    DistillationConfig,
+    ScoreDistillation,
+    VarianceEstimate,
+)
 from threestudio_ssd.threestudio.prompt_processor import PriorPromptProcessorOutput
 from threestudio_ssd.threestudio.registry import register
 
@@ -82,6 +87,8 @@ class SteinScoreDistillationGuidance(BaseModule):
         depth_estimator_path: str | None = None
         mask_threshold: float = 0.5
         scene_mode: bool = False  # depth correlation over all pixels instead of the foreground
+        # image the baselines see: full (VAE decode) | preview (score model's cheap decode_preview)
+        baseline_decoder: str = "full"
         # control-variate weights mu (threestudio_ssd.stein.ControlVariateWeight)
         mu_shape: str = "scalar"  # scalar | channel | pixel
         mu_mode: str = "learned"  # learned (the paper) | optimal (least squares, no optimiser)
@@ -143,6 +150,10 @@ class SteinScoreDistillationGuidance(BaseModule):
                 "depth_estimator_path",
                 f"baselines {[b for b in cfg.baselines if b in GEOMETRIC_BASELINES]} need a monocular "
                 "depth model (a transformers checkpoint folder or Hub id, e.g. Intel/dpt-hybrid-midas)",
+            )
+        if cfg.baseline_decoder not in BASELINE_DECODERS:
+            raise _config_error(
+                "baseline_decoder", f"{cfg.baseline_decoder!r} is not one of {list(BASELINE_DECODERS)}"
             )
         if not 0.0 <= cfg.mask_threshold < 1.0:
             raise _config_error("mask_threshold", f"must be in [0, 1), got {cfg.mask_threshold}")
@@ -209,6 +220,7 @@ class SteinScoreDistillationGuidance(BaseModule):
                 guidance_scale=float(cfg.guidance_scale),
                 weighting=cfg.weighting_strategy,
                 grad_clip=None,  # set per step by update_step (schedulable)
+                baseline_decoder=cfg.baseline_decoder,
                 vsd_guidance_scale=float(cfg.vsd_guidance_scale),
                 vsd_camera_dropout=float(cfg.vsd_camera_dropout),
                 vsd_lora_rank=cfg.vsd_lora_rank,
