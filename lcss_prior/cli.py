@@ -82,6 +82,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-out-channels", type=_int_list, help="explicit widths per level, e.g. 32,64,64")
     g.add_argument("--layers-per-block", type=int)
     g.add_argument("--input-scaling", choices=("edm", "none"), help="UNet input scaling (default edm)")
+    g.add_argument(
+        "--output-scaling",
+        choices=("edm", "none"),
+        help="edm: eps_hat = c_skip x_t + c_out UNet (stable at large t; default); none: eps_hat = UNet",
+    )
     g.add_argument("--p-uncond", type=float, help="classifier-free-guidance label dropout (default 0.1)")
 
     g = p.add_argument_group("optimisation")

@@ -10,13 +10,16 @@ A prior folder holds ``unet/`` (diffusers ``UNet2DModel.save_pretrained``, safet
      "captions": ["a red cube", ...],        # label i <-> captions[i]
      "null_class": 24,                       # = len(captions), or null for an unconditional prior
      "prediction": "epsilon", "data_range": [-1, 1], "n_levels": 256,
-     "network": {"input_scaling": "edm", "sigma_data": 0.5, "time_scale": 999.0},
+     "network": {"input_scaling": "edm", "output_scaling": "edm", "sigma_data": 0.5,
+                 "time_scale": 999.0},
      "training": {...}, "lcss_prior_version": "0.1.0"}
 
 ``load_prior`` turns the folder back into a frozen ``Prior`` whose ``eps`` is the classifier-free
 guided noise prediction of ``lcss_prior.guidance.classifier_free_guidance``. Every way a folder
 can be broken raises ``PriorFormatError`` with the offending file in the message. ``"network"``
-is optional on reading (absent means the UNet sees ``x_t`` unscaled and ``999 t``).
+is optional on reading (absent means the UNet sees ``x_t`` unscaled and ``999 t``), and so is each
+of its keys (``output_scaling`` absent: ``"none"``, the network's output is ``eps_hat`` itself, as
+in every prior exported before that key existed).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ FORMAT = "lcss-prior"
 VERSION = 1
 PRIOR_JSON = "prior.json"
 UNET_DIR = "unet"
-DEFAULT_NETWORK = {"input_scaling": "none", "sigma_data": 0.5, "time_scale": 999.0}
+DEFAULT_NETWORK = {"input_scaling": "none", "output_scaling": "none", "sigma_data": 0.5, "time_scale": 999.0}
 _REQUIRED = ("sde", "resolution", "channels", "captions", "null_class", "prediction")
 
 
@@ -279,8 +282,9 @@ def read_prior_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta["sde"], dict) or "name" not in meta["sde"]:
         raise PriorFormatError(f"{meta_path}: sde must be an SDE config object with a 'name'")
     network = {**DEFAULT_NETWORK, **(meta.get("network") or {})}
-    if network["input_scaling"] not in ("edm", "none"):
-        raise PriorFormatError(f"{meta_path}: unknown network.input_scaling {network['input_scaling']!r}")
+    for key in ("input_scaling", "output_scaling"):
+        if network[key] not in ("edm", "none"):
+            raise PriorFormatError(f"{meta_path}: unknown network.{key} {network[key]!r}")
     meta["network"] = network
     return meta
 
@@ -324,6 +328,7 @@ def load_prior(
         unet,
         sde,
         input_scaling=net["input_scaling"],
+        output_scaling=net["output_scaling"],
         sigma_data=float(net["sigma_data"]),
         time_scale=float(net["time_scale"]),
         p_uncond=0.0,

@@ -49,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 INPUT_SCALINGS = ("edm", "none")
+OUTPUT_SCALINGS = ("edm", "none")
 
 
 def build_unet(
@@ -122,10 +123,20 @@ def build_unet(
 class EpsNetwork(nn.Module):
     """``model_fn(x_t, t, class_labels) -> eps_hat``: a UNet with continuous time and input scaling.
 
-    ``eps_hat = unet(c_in(t) * x_t, time_scale * t, labels)`` with, for ``input_scaling="edm"``,
+    ``F = unet(c_in(t) * x_t, time_scale * t, labels)`` with, for ``input_scaling="edm"``,
     ``c_in(t) = 1 / sqrt(alpha(t)^2 sigma_data^2 + std(t)^2)`` (EDM's preconditioning: unit input
     variance when the data have standard deviation ``sigma_data``; it keeps VE inputs, whose noise
-    reaches tens, in the UNet's range), and ``c_in = 1`` for ``"none"``. ``class_labels=None``
+    reaches tens, in the UNet's range), and ``c_in = 1`` for ``"none"``.
+
+    ``output_scaling="none"``: ``eps_hat = F``. ``output_scaling="edm"``: EDM's skip connection
+    written for a noise prediction, ``eps_hat = std c_in^2 x_t + alpha sigma_data c_in F``: the first
+    term is the best *linear* guess of ``eps`` from ``x_t`` (exact for Gaussian data of variance
+    ``sigma_data^2``) and the UNet predicts the normalised rest. At large ``t`` (``alpha -> 0``) the
+    first term is ``~ x_t`` and the UNet's error is scaled by ``alpha``: a plain eps-network must
+    output ``x_t`` there to a precision far below ``alpha`` (its error becomes ``std / alpha`` times
+    larger in ``x0``), which a small network trained for minutes does not reach, and the sampler's
+    first steps then drift the whole image (black or white samples). On VP with
+    ``sigma_data = 1`` this is v-prediction (``eps = std x_t + alpha v``). ``class_labels=None``
     means the NULL class. Label dropout for classifier-free guidance is ``drop_labels``, applied
     by the training step once per sample *before* the loss, so that the several network calls a
     loss makes for one sample (LCSS makes two) see the same condition.
@@ -137,6 +148,7 @@ class EpsNetwork(nn.Module):
         sde: Any = None,
         *,
         input_scaling: str = "edm",
+        output_scaling: str = "none",
         sigma_data: float = 0.5,
         time_scale: float = 999.0,
         p_uncond: float = 0.1,
@@ -144,8 +156,10 @@ class EpsNetwork(nn.Module):
         super().__init__()
         if input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {input_scaling!r}")
-        if input_scaling == "edm" and sde is None:
-            raise ValueError("input_scaling='edm' needs the SDE (its alpha(t) and std(t))")
+        if output_scaling not in OUTPUT_SCALINGS:
+            raise ValueError(f"output_scaling must be one of {OUTPUT_SCALINGS}, got {output_scaling!r}")
+        if "edm" in (input_scaling, output_scaling) and sde is None:
+            raise ValueError("input_scaling/output_scaling 'edm' needs the SDE (its alpha(t) and std(t))")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond!r}")
         if sigma_data <= 0:
@@ -154,6 +168,7 @@ class EpsNetwork(nn.Module):
         # Not a submodule: the SDE carries no trainable state and must stay out of the state dict.
         self.__dict__["sde"] = sde
         self.input_scaling = input_scaling
+        self.output_scaling = output_scaling
         self.sigma_data = float(sigma_data)
         self.time_scale = float(time_scale)
         self.p_uncond = float(p_uncond)
@@ -174,6 +189,7 @@ class EpsNetwork(nn.Module):
         """The wrapper's settings (the UNet has its own ``config``), as stored in ``prior.json``."""
         return {
             "input_scaling": self.input_scaling,
+            "output_scaling": self.output_scaling,
             "sigma_data": self.sigma_data,
             "time_scale": self.time_scale,
         }
@@ -182,8 +198,20 @@ class EpsNetwork(nn.Module):
         """Input scale ``1 / sqrt(alpha(t)^2 sigma_data^2 + std(t)^2)`` (``1`` for ``"none"``)."""
         if self.input_scaling == "none":
             return torch.ones_like(t)
+        return self._edm_scale(t)
+
+    def _edm_scale(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         alpha, std = self.sde.alpha(t), self.sde.std(t)
         return torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+
+    def skip_and_out(self, t: Float[Tensor, " B"]) -> tuple[Float[Tensor, " B"], Float[Tensor, " B"]]:
+        """``(c_skip, c_out)`` of ``eps_hat = c_skip x_t + c_out F``: ``(0, 1)`` for
+        ``output_scaling="none"``, ``(std c^2, alpha sigma_data c)`` with ``c = 1 / sqrt(alpha^2
+        sigma_data^2 + std^2)`` for ``"edm"``."""
+        if self.output_scaling == "none":
+            return torch.zeros_like(t), torch.ones_like(t)
+        c = self._edm_scale(t)
+        return self.sde.std(t) * c**2, self.sde.alpha(t) * self.sigma_data * c
 
     def forward(
         self,
@@ -191,7 +219,8 @@ class EpsNetwork(nn.Module):
         t: Float[Tensor, " B"],
         class_labels: Int[Tensor, " B"] | None = None,
     ) -> Float[Tensor, "B C H W"]:
-        """``eps_hat = unet(c_in(t) x_t, time_scale t, labels)``; ``None`` labels = NULL class."""
+        """``eps_hat = c_skip x_t + c_out unet(c_in(t) x_t, time_scale t, labels)``; ``None`` labels =
+        NULL class."""
         if x_t.dim() != 4:
             raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
         b = x_t.shape[0]
@@ -214,7 +243,11 @@ class EpsNetwork(nn.Module):
                         f"got values in [{int(labels.min())}, {int(labels.max())}]"
                     )
         scale = self.c_in(t).to(x_t.dtype).view(b, 1, 1, 1)
-        return self.unet(scale * x_t, self.time_scale * t, class_labels=labels).sample
+        out = self.unet(scale * x_t, self.time_scale * t, class_labels=labels).sample
+        if self.output_scaling == "none":
+            return out
+        c_skip, c_out = (c.to(x_t.dtype).view(b, 1, 1, 1) for c in self.skip_and_out(t))
+        return c_skip * x_t + c_out * out
 
     def drop_labels(
         self, class_labels: Int[Tensor, " B"], generator: torch.Generator | None = None

@@ -79,6 +79,7 @@ RUN_DEFINING = (
     "block_out_channels",
     "layers_per_block",
     "input_scaling",
+    "output_scaling",
     "batch_size",
     "lr",
     "warmup_steps",
@@ -88,6 +89,9 @@ RUN_DEFINING = (
     "p_uncond",
     "seed",
 )
+
+LEGACY_DEFAULTS: dict[str, Any] = {"output_scaling": "none"}
+"""Run-defining settings added after runs were saved without them: the value those runs used."""
 
 # Independent random streams of one step.
 STREAM_PERMUTATION, STREAM_LOSS, STREAM_SAMPLES = 0, 1, 2
@@ -116,6 +120,7 @@ class TrainConfig:
     block_out_channels: list[int] | None = None
     layers_per_block: int | None = None
     input_scaling: str = "edm"
+    output_scaling: str = "edm"  # eps_hat = c_skip x_t + c_out F (model.EpsNetwork); "none": eps_hat = F
     batch_size: int | None = None  # per device
     steps: int | None = None  # total optimiser steps
     lr: float = 1e-3
@@ -161,8 +166,11 @@ class TrainConfig:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of {list(METHODS)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.input_scaling not in ("edm", "none"):
-            raise ConfigError(f"--input-scaling must be 'edm' or 'none', got {self.input_scaling!r}")
+        for name in ("input_scaling", "output_scaling"):
+            if getattr(self, name) not in ("edm", "none"):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be 'edm' or 'none', got {getattr(self, name)!r}"
+                )
         for name in (
             "resolution",
             "batch_size",
@@ -345,7 +353,7 @@ class PriorTrainingModule(pl.LightningModule):
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
-        cfg = self.cfg = TrainConfig(**config)
+        cfg = self.cfg = TrainConfig(**{**LEGACY_DEFAULTS, **config})
         self.sde = build_sde(cfg.sde, **cfg.sde_kwargs)
         captions = list(data_info["captions"])
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed only
@@ -358,7 +366,13 @@ class PriorTrainingModule(pl.LightningModule):
                 block_out_channels=cfg.block_out_channels,
                 layers_per_block=cfg.layers_per_block,
             )
-        self.net = EpsNetwork(unet, self.sde, input_scaling=cfg.input_scaling, p_uncond=cfg.p_uncond)
+        self.net = EpsNetwork(
+            unet,
+            self.sde,
+            input_scaling=cfg.input_scaling,
+            output_scaling=cfg.output_scaling,
+            p_uncond=cfg.p_uncond,
+        )
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
         self.loss_fn = build_loss(self.sde, cfg)
         self.data_info = dict(data_info)
@@ -559,7 +573,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
-        return dict(hp["config"]), dict(hp["data_info"])
+        return {**LEGACY_DEFAULTS, **hp["config"]}, dict(hp["data_info"])
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path} is not an lcss-prior training checkpoint: {e}") from e
 

@@ -126,6 +126,71 @@ def label_dropout_flags(net: EpsNetwork, p: float, n: int = 20000) -> bool:
     return abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_edm_output_scaling_is_the_linear_posterior_mean_plus_a_unit_variance_rest(sde_name):
+    """``eps_hat = c_skip x_t + c_out F``: on Gaussian data of variance ``sigma_data^2``, ``c_skip x_t``
+    is ``E[eps | x_t]`` (residual orthogonal to ``x_t``; its MSE equals ``c_out^2``, so ``F``'s
+    target has unit variance) at every ``t``; a ``c_skip`` off by 10% fails the orthogonality check."""
+    sde = build_sde(sde_name)
+    net = EpsNetwork(tiny_unet(), sde, input_scaling="edm", output_scaling="edm", sigma_data=0.5)
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    for t_value in (0.05, 0.3, 0.7, 1.0):
+        t = torch.full((n,), t_value, dtype=torch.float64)
+        x0 = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+        eps = torch.randn(n, generator=g, dtype=torch.float64)
+        x_t = sde.alpha(t) * x0 + sde.std(t) * eps
+        c_skip, c_out = net.skip_and_out(t)
+        # the wrong c_skip shifts the mean by -0.1 std(t): checked where that is >> the SE
+        for scale, ok in ((1.0, True), (1.1, False)) if t_value >= 0.7 else ((1.0, True),):
+            residual = eps - scale * c_skip * x_t
+            orthogonal = residual * x_t  # normal equation of the best linear predictor: mean 0
+            mean, se = float(orthogonal.mean()), float(orthogonal.std()) / math.sqrt(n)
+            assert (abs(mean) < 4 * se) == ok, (sde_name, t_value, scale, mean, se)
+        err = (eps - c_skip * x_t) ** 2
+        mean, se = float(err.mean()), float(err.std()) / math.sqrt(n)
+        assert abs(mean - float(c_out[0] ** 2)) < 4 * se, (sde_name, t_value, mean, float(c_out[0] ** 2), se)
+
+
+def test_edm_output_scaling_makes_eps_hat_x_t_at_large_t(sde):
+    """At ``t = 1`` on VP (``alpha ~ 0.0066``) the UNet's output is scaled by ``alpha``: ``eps_hat`` is
+    ``x_t`` up to ``O(alpha)`` whatever the (random) UNet says; without it, it is the UNet's output."""
+    torch.manual_seed(0)
+    unet = tiny_unet().eval()
+    edm = EpsNetwork(unet, sde, output_scaling="edm").eval()
+    plain = EpsNetwork(unet, sde, output_scaling="none").eval()
+    x, _, labels = inputs()
+    t = torch.ones(x.shape[0])
+    with torch.no_grad():
+        err_edm = (edm(x, t, labels) - x).abs().max()
+        err_plain = (plain(x, t, labels) - x).abs().max()
+    assert err_edm < 0.05 * float(sde.alpha(t[:1])) * 100 and err_plain > 10 * err_edm
+    assert edm.config["output_scaling"] == "edm" and plain.config["output_scaling"] == "none"
+    with pytest.raises(ValueError, match="output_scaling"):
+        EpsNetwork(unet, sde, output_scaling="v")
+    with pytest.raises(ValueError, match="needs the SDE"):
+        EpsNetwork(unet, None, input_scaling="none", output_scaling="edm")
+
+
+def test_output_scaling_round_trips_and_old_priors_load_as_none(tmp_path, sde):
+    torch.manual_seed(0)
+    net = EpsNetwork(tiny_unet(), sde, output_scaling="edm").eval()
+    path = export_prior(net, sde, tmp_path / "p", CAPTIONS, 8, 1, 3, {})
+    x, t, labels = inputs()
+    with torch.no_grad():
+        assert torch.equal(load_prior(path).eps(x, t, labels), net(x, t, labels))
+    meta = json.loads((path / "prior.json").read_text())
+    assert meta["network"]["output_scaling"] == "edm"
+    del meta["network"]["output_scaling"]  # a prior exported before the key existed
+    (path / "prior.json").write_text(json.dumps(meta))
+    old = load_prior(path)
+    assert old.network.output_scaling == "none"
+    meta["network"]["output_scaling"] = "x0"
+    (path / "prior.json").write_text(json.dumps(meta))
+    with pytest.raises(PriorFormatError, match=r"prior\.json.*network\.output_scaling 'x0'"):
+        load_prior(path)
+
+
 def test_label_dropout_rate_training_only(sde):
     net = tiny_network(sde)
     net.p_uncond = 0.1

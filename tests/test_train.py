@@ -187,6 +187,19 @@ def test_resume_is_bit_for_bit(runs):
         assert torch.equal(p_full.eps(x, t, labels, 2.0), p_resumed.eps(x, t, labels, 2.0))
 
 
+def test_a_checkpoint_saved_before_output_scaling_existed_resumes_and_exports_as_none(runs, tmp_path):
+    """Runs saved before ``output_scaling`` existed trained ``eps_hat = UNet``: their checkpoints
+    read back as ``"none"`` (``LEGACY_DEFAULTS``), in the resume check and in ``export``."""
+    ckpt = torch.load(runs["full"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["output_scaling"] == "edm"  # today's default
+    del ckpt["hyper_parameters"]["config"]["output_scaling"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    assert read_checkpoint_config(old)[0]["output_scaling"] == "none"
+    assert main(["export", "--checkpoint", str(old), "--out", str(tmp_path / "prior")]) == 0
+    assert load_prior(tmp_path / "prior").network.output_scaling == "none"
+
+
 def test_export_subcommand_matches_the_final_export(runs, tmp_path):
     ckpt = runs["full"] / "checkpoints" / "last.ckpt"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "p")]) == 0
