@@ -73,7 +73,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sde-arg", type=_sde_kwarg, action="append", metavar="KEY=VALUE", help="SDE constructor argument"
     )
-    g.add_argument("--smoothing", type=float, help="LCSS radius c, s_t = c std(t) (default 0.1)")
+    g.add_argument("--smoothing", type=float, help="LCSS radius c, s_t = c std(t) (default 0.01; keep c^4 D / 2 << 1)")
     g.add_argument("--weighting", help="loss weighting lambda(t): std2 (default) or likelihood")
     g.add_argument("--reduction", choices=("mean", "sum"), help="over data dimensions (default mean)")
 

@@ -298,7 +298,7 @@ class SDELoss:
         self,
         sde: SDE,
         method: str = "lcss",
-        smoothing: float = 0.1,
+        smoothing: float = 0.01,
         weighting: str = "std2",
         t_eps: float | None = None,
         control_variate: bool = True,

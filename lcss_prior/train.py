@@ -113,7 +113,7 @@ class TrainConfig:
     method: str = "lcss"
     sde: str = "vp"
     sde_kwargs: dict[str, Any] = field(default_factory=dict)
-    smoothing: float = 0.1  # LCSS radius c (s_t = c std(t)); FD-SSM step where it applies
+    smoothing: float = 0.01  # LCSS radius c (s_t = c std(t)); c^4 D / 2 << 1 (losses.lcss_relative_bias)
     weighting: str | None = None  # None: the loss's default
     reduction: str = "mean"  # per-dimension loss scale: gradient norms O(1) at any resolution
     preset: str | None = None
