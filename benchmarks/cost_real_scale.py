@@ -1,5 +1,5 @@
-"""Per-step time and peak memory of SDS, SSD and VSD with the real Stable Diffusion 2.1-base and
-DPT-Hybrid (MiDaS v3) architectures at 512 px (issue 6, item 5).
+"""Per-step time and peak memory of SDS, SSD (full and preview baseline decoder) and VSD with the
+real Stable Diffusion 2.1-base and DPT-Hybrid (MiDaS v3) architectures at 512 px (issue 6, item 5).
 
 One *step* of each arm, batch 1, on a 512 px render that carries the gradient (the 3-D model's own
 render, backward and optimiser are the same for every arm and are left out):
@@ -11,6 +11,12 @@ render, backward and optimiser are the same for every arm and are left out):
   latent is decoded by the VAE (512 px), DPT-Hybrid runs on the decode (resized to its 384 px
   input), and ``phi = 1 - Pearson`` is differentiated back through the depth network and the decoder
   (``baseline_value_and_grad``); ``mu`` in ``optimal`` mode (a least-squares update, no optimiser).
+* ``ssd-preview``: ``ssd`` with ``baseline_decoder="preview"``: the depth baseline sees
+  ``score_model.decode_preview(x_t)`` (a fitted per-pixel affine latent -> RGB map at the 64x64
+  latent resolution, one 1x1 convolution) instead of the VAE decode; no VAE decoder runs in its step
+  (the encoder still does, for the render's latents). The map is fitted once
+  (``StableDiffusionScoreModel.fit_preview``: VAE encode + decode of a few synthetic images) after
+  loading, outside every timed step; its time and ``R^2`` are recorded (``preview_fit``).
 * ``vsd``: threestudio's own ``stable-diffusion-vsd-guidance`` set up as its
   ``configs/prolificdreamer.yaml`` does (SD 2.1-base for the pretrained branch, SD 2.1 (768-v) for
   the LoRA branch with the camera embedding; guidance scale 7.5): its forward,
@@ -34,8 +40,9 @@ the median per-step time of each arm, the ratios of medians and the medians of t
 (paired) ratios are reported. To fit the arms into memory together, the timing process shares the
 frozen SD 2.1-base UNet and VAE between ``sds``, ``ssd`` and the pretrained branch of the
 threestudio guidances (same architecture, dtype and device, so the same compute; ``--no-share``
-turns this off). One further SSD step is split by timers into its parts
-(``breakdown_ssd``: VAE encode, UNet, VAE decode, depth forward, backward through each).
+turns this off). One further step of each SSD arm present is split by timers into its parts
+(``breakdown_ssd``: VAE encode, UNet, VAE decode, depth forward, backward through each;
+``breakdown_ssd_preview``: the same with the preview decoder).
 
 Peak memory: every arm in a fresh subprocess that loads only that arm's models (no sharing) and
 runs ``--memory-steps`` steps. On the CPU: resident set after loading (``VmRSS``), and the peak
@@ -48,6 +55,7 @@ Usage::
 
     THREESTUDIO_SRC=/path/to/threestudio python benchmarks/cost_real_scale.py          # CPU, 512 px
     THREESTUDIO_SRC=... python benchmarks/cost_real_scale.py --device cuda --fp16 --rounds 20
+    python benchmarks/cost_real_scale.py --arms sds,ssd,ssd-preview --no-memory --tag cpu-preview
     python benchmarks/cost_real_scale.py --quick --out /tmp/cost                        # < 1 min
 """
 
@@ -79,8 +87,12 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip i
 
 from threestudio_ssd.testing import tiny_sd_unet_config, tiny_sd_vae_config  # noqa: E402 - after the sys.path insert
 
-ARMS = ("sds", "ssd", "vsd", "sds-threestudio")
+ARMS = ("sds", "ssd", "ssd-preview", "vsd", "sds-threestudio")
 THREESTUDIO_ARMS = ("vsd", "sds-threestudio")
+#: our SSD arms and the image their baselines see (``DistillationConfig.baseline_decoder``)
+SSD_ARMS: dict[str, str] = {"ssd": "full", "ssd-preview": "preview"}
+#: the result key of each SSD arm's step split (``breakdown_ssd``)
+BREAKDOWN_KEYS: dict[str, str] = {"ssd": "breakdown_ssd", "ssd-preview": "breakdown_ssd_preview"}
 TEXT_LENGTH = 77  # CLIP's context length: threestudio's text embeddings are [*, 77, D]
 RESULTS = REPO / "benchmarks" / "results" / "cost_real_scale"
 GIB = 1024**3
@@ -263,8 +275,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
         p.error(f"--arms: unknown or empty {unknown or arms}; choose from {ARMS}")
-    if "ssd" in arms and "sds" not in arms:
-        p.error("--arms: 'ssd' is reported relative to 'sds'; include 'sds'")
+    for name in SSD_ARMS:
+        if name in arms and "sds" not in arms:
+            p.error(f"--arms: {name!r} is reported relative to 'sds'; include 'sds'")
     for key in ("rounds", "memory_steps"):
         if getattr(a, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(a, key)}")
@@ -560,10 +573,12 @@ class Arm:
 @dataclass
 class Shared:
     """The frozen modules of ours (loaded once): the SD score model and, if needed, the depth
-    baseline."""
+    baseline; ``preview_fit`` records the preview decoder's fit (:func:`fit_preview_decoder`) when
+    ``ssd-preview`` is built."""
 
     score_model: Any = None
     baseline: Any = None
+    preview_fit: dict[str, Any] | None = None
 
 
 def load_score_model(paths: ModelPaths, s: Settings) -> Any:
@@ -580,28 +595,80 @@ def load_depth_baseline(paths: ModelPaths, s: Settings) -> Any:
     return build_baseline("depth", estimator=load_depth_estimator(paths.depth, dtype=dtype, device=s.device))
 
 
+PREVIEW_R2_NOTE = (
+    "R^2 of the preview decoder's least-squares fit to THIS VAE; with random weights it says how "
+    "affine a random decoder is, not how good the preview of the real SD 2.1 VAE would be (not "
+    "measured here); the preview's cost does not depend on it"
+)
+
+
+def fit_preview_decoder(score_model: Any, s: Settings) -> dict[str, Any]:
+    """Fit ``score_model``'s preview decoder once (``StableDiffusionScoreModel.fit_preview``, which
+    ``decode_preview`` would otherwise run lazily inside the first timed step) and return its wall
+    time, ``R^2`` and fit set."""
+    from threestudio_ssd.score_models.stable_diffusion import PREVIEW_FIT_IMAGES, PREVIEW_FIT_SEED
+
+    synchronize(s.device)
+    start = time.perf_counter()
+    r2 = score_model.fit_preview()
+    synchronize(s.device)
+    return {
+        "fit_s": time.perf_counter() - start,
+        "r2": r2,
+        "n_images": PREVIEW_FIT_IMAGES,
+        "seed": PREVIEW_FIT_SEED,
+        "image_size": score_model.image_size,
+        "note": PREVIEW_R2_NOTE,
+    }
+
+
+def vae_encoder(vae: torch.nn.Module) -> torch.nn.Module:
+    """The part of an ``AutoencoderKL`` that ``encode`` runs (encoder and ``quant_conv``), for the
+    parameter counts of arms that never decode."""
+    parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
+    return torch.nn.ModuleList(parts)
+
+
 def build_ours(name: str, shared: Shared, inputs: Inputs, s: Settings) -> Arm:
-    """``sds`` or ``ssd`` through ``ScoreDistillation`` (SSD: constant + depth baselines, optimal
-    scalar weights; guidance scale 7.5 in our convention)."""
+    """``sds``, ``ssd`` or ``ssd-preview`` through ``ScoreDistillation`` (SSD: constant + depth
+    baselines, optimal scalar weights, on the full VAE decode or on ``decode_preview``; guidance
+    scale 7.5 in our convention). ``modules`` lists what the step runs: the VAE decoder only for
+    ``ssd``."""
     from threestudio_ssd.distillation import ScoreDistillation
 
-    if name == "ssd":
-        dist = ScoreDistillation(shared.score_model, [shared.baseline], estimator="ssd", guidance_scale=7.5)
+    sm = shared.score_model
+    ssd = name in SSD_ARMS
+    if ssd:
+        dist = ScoreDistillation(
+            sm, [shared.baseline], estimator="ssd", guidance_scale=7.5, baseline_decoder=SSD_ARMS[name]
+        )
     else:
-        dist = ScoreDistillation(shared.score_model, estimator="sds", guidance_scale=7.5)
+        dist = ScoreDistillation(sm, estimator="sds", guidance_scale=7.5)
     dist.to(s.device)
     generator = torch.Generator(device=s.device).manual_seed(s.seed)
     cond, render = inputs.cond, inputs.render
 
     def step() -> None:
         inputs.rgb.grad = None
-        out = dist(inputs.rgb, cond, render=render if name == "ssd" else None, generator=generator)
+        out = dist(inputs.rgb, cond, render=render if ssd else None, generator=generator)
         out.loss.backward()
 
-    modules = {"sd_unet": shared.score_model.unet, "sd_vae": shared.score_model.vae}
+    modules: dict[str, torch.nn.Module] = {"sd_unet": sm.unet}
     if name == "ssd":
+        modules["sd_vae"] = sm.vae  # encoder (render -> latents) and decoder (the baselines' image)
+    else:
+        modules["sd_vae_encoder"] = vae_encoder(sm.vae)
+    notes = ""
+    if ssd:
         modules["depth"] = shared.baseline.estimator
-    return Arm(name, step, modules)
+    if name == "ssd-preview":
+        fit = shared.preview_fit or {}
+        notes = (
+            f"baselines on decode_preview (affine latent -> RGB map at latent resolution; fitted once "
+            f"before timing in {fit.get('fit_s', math.nan):.2f} s, R^2 {fit.get('r2', math.nan):.3f}); "
+            "no VAE decoder in the step"
+        )
+    return Arm(name, step, modules, notes)
 
 
 def setup_threestudio(src: str | None) -> Any:
@@ -731,13 +798,16 @@ def time_interleaved(arms: list[Arm], s: Settings) -> dict[str, list[float]]:
     return times
 
 
-def breakdown_ssd(shared: Shared, inputs: Inputs, s: Settings) -> dict[str, float]:
+def breakdown_ssd(shared: Shared, inputs: Inputs, s: Settings, decoder: str = "full") -> dict[str, float]:
     """One SSD step split by timers into its parts (seconds), computed by the same modules and
     functions ``ScoreDistillation`` uses: encode, guided UNet call, and the baseline's
     ``phi(decode(x_t))`` with its gradient taken in two halves (through the depth network, then
-    through the decoder). ``ssd_extra`` is the sum of the baseline's four parts: what SSD adds to
-    SDS (``mu``'s least-squares update aside)."""
+    through the decoder). ``decoder``: ``"full"`` (``decode``, parts ``vae_decode_*``) or
+    ``"preview"`` (``decode_preview``, parts ``preview_decode_*``; fitted beforehand). ``ssd_extra``
+    is the sum of the baseline's four parts: what SSD adds to SDS (``mu``'s least-squares update
+    aside)."""
     sm, baseline = shared.score_model, shared.baseline
+    decode, dec = (sm.decode_preview, "preview_decode") if decoder == "preview" else (sm.decode, "vae_decode")
     g = torch.Generator(device=s.device).manual_seed(s.seed + 1)
     parts: dict[str, float] = {}
 
@@ -756,17 +826,16 @@ def breakdown_ssd(shared: Shared, inputs: Inputs, s: Settings) -> dict[str, floa
     x_t = sm.add_noise(x0.detach(), eps, t)
     eps_hat = timed("unet_guided_forward", lambda: sm.eps(x_t, t, inputs.cond, 7.5))
     x = x_t.detach().clone().requires_grad_(True)
-    image = timed("vae_decode_forward", lambda: sm.decode(x))
+    image = timed(f"{dec}_forward", lambda: decode(x))
     render = inputs.render.resized(*image.shape[-2:]).detached()
     phi = timed("depth_phi_forward", lambda: baseline(image, render).phi)
     (grad_image,) = timed("depth_phi_backward", lambda: torch.autograd.grad(phi.sum(), image))
-    timed("vae_decode_backward", lambda: torch.autograd.grad(image, x, grad_outputs=grad_image))
+    timed(f"{dec}_backward", lambda: torch.autograd.grad(image, x, grad_outputs=grad_image))
     grad = sm.weight(t).view(-1, 1, 1, 1) * (eps_hat - eps)
     loss = 0.5 * (x0 - (x0 - grad).detach()).pow(2).sum()
     timed("vae_encode_backward", loss.backward)
     parts["ssd_extra"] = sum(
-        parts[k]
-        for k in ("vae_decode_forward", "depth_phi_forward", "depth_phi_backward", "vae_decode_backward")
+        parts[k] for k in (f"{dec}_forward", "depth_phi_forward", "depth_phi_backward", f"{dec}_backward")
     )
     return parts
 
@@ -776,12 +845,14 @@ MEMORY_METHOD_CPU = (
     "number of steps; VmRSS after loading (safetensors weights are memory-mapped: resident once "
     "used), VmRSS after the steps, and the peak resident set over the steps (VmHWM, reset through "
     "/proc/self/clear_refs after loading; hwm_reset false means it includes loading). Not "
-    "ru_maxrss: Linux hands a child the parent's peak at exec"
+    "ru_maxrss: Linux hands a child the parent's peak at exec. ssd-preview's one-off preview fit "
+    "runs while loading (its decoder weights are then resident), before the reset"
 )
 MEMORY_METHOD_CUDA = (
     "each arm in a fresh subprocess loading only its own models (no sharing) and running the given "
     "number of steps; torch.cuda.memory_allocated after loading and after the steps, "
-    "torch.cuda.max_memory_allocated (and _reserved) over the steps, the peak reset after loading"
+    "torch.cuda.max_memory_allocated (and _reserved) over the steps, the peak reset after loading "
+    "(ssd-preview's one-off preview fit runs while loading, before the reset)"
 )
 
 
@@ -869,12 +940,15 @@ def build_all(
 ) -> tuple[list[Arm], Shared, Inputs]:
     """Load the models of ``names`` and build their arms on one set of inputs. Ours share one
     score model (and depth baseline); with ``share`` the threestudio guidances reuse its frozen
-    UNet/VAE too."""
+    UNet/VAE too. With ``ssd-preview``, the preview decoder is fitted here, before any step."""
     shared = Shared()
-    if any(n in ("sds", "ssd") for n in names) or share:
+    if any(n in ("sds", *SSD_ARMS) for n in names) or share:
         shared.score_model = load_score_model(paths, s)
-    if "ssd" in names:
+    if any(n in SSD_ARMS for n in names):
         shared.baseline = load_depth_baseline(paths, s)
+    if "ssd-preview" in names:
+        _step("fitting the preview decoder (once, before any timed step)")
+        shared.preview_fit = fit_preview_decoder(shared.score_model, s)
     unet_config = json.loads((paths.sd / "unet" / "config.json").read_text())
     side = int(unet_config["sample_size"]) * 2 ** (
         len(json.loads((paths.sd / "vae" / "config.json").read_text())["block_out_channels"]) - 1
@@ -935,8 +1009,9 @@ def _cpu_model() -> str:
 
 
 def summarise(times: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-arm statistics and the ratios to ``sds`` (of medians, and the median of the per-round
-    ratios, which pair steps that ran close together in time)."""
+    """Per-arm statistics and the ratios to ``sds`` and between the SSD arms and ``vsd`` (of
+    medians, and the median of the per-round ratios, which pair steps that ran close together in
+    time)."""
     arms = {
         name: {
             "step_times_s": ts,
@@ -954,6 +1029,9 @@ def summarise(times: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, 
         ("sds-threestudio", "sds"),
         ("vsd", "sds-threestudio"),
         ("ssd", "vsd"),
+        ("ssd-preview", "sds"),
+        ("ssd-preview", "vsd"),
+        ("ssd-preview", "ssd"),
     ]
     for num, den in pairs:
         if num in times and den in times:
@@ -965,12 +1043,14 @@ def summarise(times: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, 
 
 
 def targets(ratios: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, reported (not asserted): SSD at most 1.3x SDS, and below VSD."""
+    """The issue's targets, reported (not asserted) for each SSD arm timed: at most 1.3x SDS, and
+    below VSD (ratios of medians)."""
     out: dict[str, Any] = {}
-    if "ssd/sds" in ratios:
-        out["ssd_at_most_1.3x_sds"] = ratios["ssd/sds"] <= 1.3
-    if "ssd/vsd" in ratios:
-        out["ssd_below_vsd"] = ratios["ssd/vsd"] < 1.0
+    for name in SSD_ARMS:
+        if f"{name}/sds" in ratios:
+            out[f"{name}_at_most_1.3x_sds"] = ratios[f"{name}/sds"] <= 1.3
+        if f"{name}/vsd" in ratios:
+            out[f"{name}_below_vsd"] = ratios[f"{name}/vsd"] < 1.0
     return out
 
 
@@ -1032,17 +1112,22 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
     arms, shared, inputs = build_all(names, paths, s, share=s.share)
     result["parameters_m"] = parameter_counts(arms)
     result["arm_notes"] = {a.name: a.notes for a in arms if a.notes}
+    if shared.preview_fit is not None:
+        result["preview_fit"] = shared.preview_fit
     result["shared_frozen_modules"] = s.share
     _step(f"timing {[a.name for a in arms]}: {s.warmup} warm-up + {s.rounds} interleaved rounds")
     times = time_interleaved(arms, s)
     result["arms"], result["ratios"] = summarise(times)
     result["targets"] = targets(result["ratios"])
-    if s.breakdown and shared.baseline is not None:
-        _step("SSD step split into parts")
-        result["breakdown_ssd"] = breakdown_ssd(shared, inputs, s)
-        if "sds" in result["arms"] and "ssd" in result["arms"]:
-            result["breakdown_ssd"]["ssd_minus_sds_median"] = (
-                result["arms"]["ssd"]["median_s"] - result["arms"]["sds"]["median_s"]
+    for name, decoder in SSD_ARMS.items():
+        if not (s.breakdown and name in result["arms"]):
+            continue
+        _step(f"{name} step split into parts")
+        key = BREAKDOWN_KEYS[name]
+        result[key] = breakdown_ssd(shared, inputs, s, decoder)
+        if "sds" in result["arms"]:
+            result[key]["ssd_minus_sds_median"] = (
+                result["arms"][name]["median_s"] - result["arms"]["sds"]["median_s"]
             )
     if not s.device.startswith("cuda"):
         result["timing_process_peak_rss_gib"] = _proc_status_kib("VmHWM") * 1024 / GIB
@@ -1105,10 +1190,30 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {name} | {arm['median_s']:.3f} | {arm['min_s']:.3f} | {arm['max_s']:.3f} | {ratio:.2f} | "
             f"{paired:.2f} | {mem_text} |"
         )
-    if "breakdown_ssd" in result:
+    cross = [
+        f"{k} {v:.2f} (paired {result['ratios'][k + '_paired_median']:.2f})"
+        for k, v in result["ratios"].items()
+        if not k.endswith("_paired_median") and not k.endswith("/sds")
+    ]
+    if cross:
+        lines += ["", "Other ratios of medians: " + "; ".join(cross) + "."]
+    if result.get("targets"):
         lines += [
             "",
-            "SSD step split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["breakdown_ssd"].items()),
+            "Targets (reported, not asserted): "
+            + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["targets"].items())
+            + ".",
+        ]
+    for name, key in BREAKDOWN_KEYS.items():
+        if key in result:
+            split = ", ".join(f"{k} {v:.3f}" for k, v in result[key].items())
+            lines += ["", f"{name} step split (s): {split}"]
+    if "preview_fit" in result:
+        fit = result["preview_fit"]
+        lines += [
+            "",
+            f"Preview decoder (ssd-preview): fitted once before timing on {fit['n_images']} synthetic "
+            f"{fit['image_size']} px images in {fit['fit_s']:.2f} s, R^2 = {fit['r2']:.4f}. {fit['note']}.",
         ]
     for name, reason in result["skipped_arms"].items():
         lines.append(f"\nSKIPPED {name}: {reason}")

@@ -1,10 +1,12 @@
 """Tests of the real-scale cost benchmark (benchmarks/cost_real_scale.py).
 
 * ``--quick`` end to end (tiny random models, through the user-facing loaders): every arm gets
-  finite per-step times, ratios and the SSD split are consistent with them, and the JSON records
-  the device. The threestudio arms (threestudio's own VSD and SDS guidances) run when
-  ``THREESTUDIO_SRC`` points at a checkout; otherwise they are skipped with a visible reason
-  (``REQUIRE_THREESTUDIO=1`` makes that a failure).
+  finite per-step times, ratios and the SSD splits (full and preview decoder) are consistent with
+  them, the preview decoder's fit is recorded, and the JSON records the device. The threestudio
+  arms (threestudio's own VSD and SDS guidances) run when ``THREESTUDIO_SRC`` points at a
+  checkout; otherwise they are skipped with a visible reason (``REQUIRE_THREESTUDIO=1`` makes that
+  a failure).
+* ``ssd-preview``'s step runs no VAE decoder (``ssd``'s runs it once), its fit happens before;
 * the memory probe in a fresh subprocess, and the peak-RSS reset it relies on;
 * interleaving and the ratio arithmetic on fake arms;
 * the published configurations build the published architectures (parameter counts, on the meta
@@ -66,13 +68,16 @@ def test_quick_run_times_our_arms_and_records_the_device(quick_run):
     saved = json.loads((out / "quick.json").read_text())
     assert saved["complete"] and saved["mode"] == "quick"
     assert (out / "quick.md").read_text().startswith("Device: ")
-    for name in ("sds", "ssd"):
+    for name in ("sds", "ssd", "ssd-preview"):
         arm = saved["arms"][name]
         assert len(arm["step_times_s"]) == ROUNDS and _finite_positive(arm["step_times_s"]), name
         assert arm["median_s"] == pytest.approx(statistics.median(arm["step_times_s"]))
     medians = {k: v["median_s"] for k, v in saved["arms"].items()}
-    assert saved["ratios"]["ssd/sds"] == pytest.approx(medians["ssd"] / medians["sds"])
-    assert set(saved["targets"]) >= {"ssd_at_most_1.3x_sds"}
+    for num, den in (("ssd", "sds"), ("ssd-preview", "sds"), ("ssd-preview", "ssd")):
+        assert saved["ratios"][f"{num}/{den}"] == pytest.approx(medians[num] / medians[den])
+        assert math.isfinite(saved["ratios"][f"{num}/{den}_paired_median"])
+    assert set(saved["targets"]) >= {"ssd_at_most_1.3x_sds", "ssd-preview_at_most_1.3x_sds"}
+    assert saved["targets"]["ssd-preview_at_most_1.3x_sds"] == (saved["ratios"]["ssd-preview/sds"] <= 1.3)
     env = saved["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["torch_threads"] == 1
     assert env["device_name"] and env["dtype"] == "float32"
@@ -82,10 +87,25 @@ def test_quick_run_times_our_arms_and_records_the_device(quick_run):
     others = ("vae_encode_forward", "unet_guided_forward", "vae_encode_backward")
     assert _finite_positive(split[k] for k in (*parts, *others))
     assert split["ssd_extra"] == pytest.approx(sum(split[k] for k in parts))
+    # the same split with the preview decoder: its own decode parts, the same SDS parts
+    split = saved["breakdown_ssd_preview"]
+    parts = ("preview_decode_forward", "depth_phi_forward", "depth_phi_backward", "preview_decode_backward")
+    assert _finite_positive(split[k] for k in (*parts, *others))
+    assert split["ssd_extra"] == pytest.approx(sum(split[k] for k in parts))
+    assert not any(k.startswith("vae_decode") for k in split)
+    assert split["ssd_minus_sds_median"] == pytest.approx(medians["ssd-preview"] - medians["sds"])
+    # the preview decoder's fit: timed once, its R^2 recorded with the random-weights caveat
+    fit = saved["preview_fit"]
+    assert _finite_positive([fit["fit_s"]]) and fit["n_images"] >= 1 and fit["image_size"] == 512
+    assert math.isfinite(fit["r2"]) and fit["r2"] <= 1.0
+    assert "random weights" in fit["note"]
+    markdown = (out / "quick.md").read_text()
+    assert "| ssd-preview |" in markdown and "ssd-preview/ssd" in markdown and "R^2" in markdown
     # the models went through the user-facing loaders from save_pretrained folders
     assert (out / "models" / "sd" / "unet" / "config.json").is_file()
     assert (out / "models" / "depth" / "config.json").is_file()
     assert result["parameters_m"]["depth"] > 0
+    assert 0 < result["parameters_m"]["sd_vae_encoder"] < result["parameters_m"]["sd_vae"]
 
 
 def test_threestudio_arms_run_with_a_checkout(quick_run):
@@ -102,6 +122,46 @@ def test_threestudio_arms_run_with_a_checkout(quick_run):
     assert math.isfinite(result["ratios"]["vsd/sds"]) and math.isfinite(result["ratios"]["ssd/vsd"])
     assert "trainable LoRA" in result["arm_notes"]["vsd"]
     assert result["parameters_m"]["sd_unet_lora"] > 0
+
+
+def test_ssd_preview_step_runs_no_vae_decoder(bench, quick_run):
+    """Counted by forward hooks: one step of ``ssd`` runs the VAE decoder once, one of
+    ``ssd-preview`` never (its map was fitted in ``build_all``, before any step); both encode once,
+    run the depth network once and send a finite gradient to the render."""
+    out, _ = quick_run
+    s = dataclasses.replace(
+        bench.Settings(),
+        quick=True,
+        threads=None,
+        model_dir=str(out / "models"),
+        out=str(out),
+        progress=False,
+    )
+    paths = bench.prepare_models(s, out / "models")
+    arms, shared, inputs = bench.build_all(["ssd", "ssd-preview"], paths, s, share=False)
+    sm = shared.score_model
+    assert sm.preview_weight is not None and shared.preview_fit["r2"] == sm.preview_r2
+    counts = {"decoder": 0, "encoder": 0, "depth": 0}
+
+    def counter(key):
+        def hook(module, args, output):
+            counts[key] += 1
+
+        return hook
+
+    sm.vae.decoder.register_forward_hook(counter("decoder"))
+    sm.vae.encoder.register_forward_hook(counter("encoder"))
+    shared.baseline.estimator.register_forward_hook(counter("depth"))
+    expected = {
+        "ssd": {"decoder": 1, "encoder": 1, "depth": 1},
+        "ssd-preview": {"decoder": 0, "encoder": 1, "depth": 1},
+    }
+    for arm in arms:
+        counts.update(decoder=0, encoder=0, depth=0)
+        arm.step()
+        assert counts == expected[arm.name], arm.name
+        assert inputs.rgb.grad is not None and torch.isfinite(inputs.rgb.grad).all(), arm.name
+    assert "sd_vae" not in arms[1].modules and "sd_vae_encoder" in arms[1].modules
 
 
 def test_memory_probe_runs_in_a_fresh_process(bench, quick_run):
@@ -149,6 +209,17 @@ def test_interleaving_and_paired_ratios(bench):
         "ssd_at_most_1.3x_sds": False,
         "ssd_below_vsd": False,
     }
+    _, ratios = bench.summarise(
+        {"sds": [1.0, 2.0], "ssd": [3.0, 4.0], "ssd-preview": [1.0, 3.0], "vsd": [4.0, 4.0]}
+    )
+    assert ratios["ssd-preview/sds"] == 4.0 / 3.0 and ratios["ssd-preview/ssd"] == 2.0 / 3.5
+    assert ratios["ssd-preview/vsd"] == 0.5 and ratios["ssd-preview/sds_paired_median"] == 1.25
+    assert bench.targets(ratios) == {
+        "ssd_at_most_1.3x_sds": False,
+        "ssd_below_vsd": True,
+        "ssd-preview_at_most_1.3x_sds": False,
+        "ssd-preview_below_vsd": True,
+    }
 
 
 def test_published_configs_build_the_published_architectures(bench):
@@ -176,6 +247,15 @@ def test_published_configs_build_the_published_architectures(bench):
 
 
 def test_bad_arguments_are_named(bench):
-    for argv in (["--arms", "foo"], ["--arms", "ssd"], ["--rounds", "0"], ["--device", "tpu"]):
+    bad = (
+        ["--arms", "foo"],
+        ["--arms", "ssd"],
+        ["--arms", "ssd-preview,vsd"],
+        ["--rounds", "0"],
+        ["--device", "tpu"],
+    )
+    for argv in bad:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+    assert bench.parse_args([]).arms == bench.ARMS and "ssd-preview" in bench.ARMS
+    assert bench.parse_args(["--arms", "sds,ssd-preview"]).arms == ("sds", "ssd-preview")
