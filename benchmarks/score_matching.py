@@ -930,6 +930,9 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
                 ops = ", ".join(f"`{o['op']}` {100 * o['share']:.0f}%" for o in prof[m][:4])
                 lines.append(f"- {name}, {LABELS[m]}: {ops}")
     lines += ["", "![timing](" + rel + "/timing.png)", ""]
+    from lcss_prior.train import TrainConfig
+
+    defaults = TrainConfig()
     for data, q in result["quality"].items():
         s = q["settings"]
         b = q["budget"]
@@ -939,7 +942,8 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
             "",
             f"Training: `lcss_prior.train.train` (= `lcss-prior train`), seed {result['settings']['seed']}, "
             f"{s['steps']} steps, warm-up {s['warmup']}, training set {s['train_size']}, the project's "
-            f"defaults otherwise (AdamW 1e-3, clip 1, EMA 0.999, VP SDE, smoothing c = 0.1, mean reduction). "
+            f"defaults otherwise (AdamW 1e-3, clip 1, EMA 0.999, VP SDE, LCSS smoothing c = {defaults.smoothing:g}, "
+            f"input/output scaling {defaults.input_scaling}/{defaults.output_scaling}, {defaults.reduction} reduction). "
             f"Equal wall time = DSM's {b['equal_steps']} steps "
             f"({b['wall_time_budget_s']:.0f} s at its side-by-side step time on `{b['timing_config']}`): "
             + ", ".join(f"{LABELS[m]} {b['equal_wall_time_steps'][m]}" for m in METHODS)
