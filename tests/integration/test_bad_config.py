@@ -45,6 +45,7 @@ def build_guidance(ts, models, **overrides):
         ({"prior_path": None}, r"guidance\.prior_path.*required"),
         ({"depth_estimator_path": None}, r"guidance\.depth_estimator_path"),
         ({"mu_shape": "voxel"}, r"mu_shape.*'voxel'"),
+        ({"baseline_decoder": "vae"}, r"guidance\.baseline_decoder.*'vae'"),
         ({"weighting_strategy": "fantasia3d"}, r"weighting.*fantasia3d"),
     ],
 )
