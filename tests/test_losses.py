@@ -181,6 +181,25 @@ def test_lcss_loss_prefers_the_biased_minimiser_in_high_dimension():
             assert mean + 4 * se < 0  # the objective really does prefer the biased function
 
 
+def test_lcss_with_a_small_radius_is_variance_reduced_ssm_with_the_same_probe():
+    """With the control variate, ``(1/s) e . (S(x + s e) - S(x)) = e^T grad S e + O(s)``: per sample,
+    LCSS at small ``s`` equals variance-reduced SSM whose probe ``v`` is LCSS's ``e`` (both draw it
+    first from the same generator), with an error that shrinks linearly in ``s``; without the
+    control variate it does not (the ``(1/s) e . S(x)`` term)."""
+    score = _mlp(0)
+    x = _gmm(256, seed=1)
+    ssm = ssm_loss(score, x, generator=_gen(7)).detach()
+    gaps = []
+    for s in (1e-2, 1e-3):
+        lcss = lcss_loss(score, x, s, generator=_gen(7)).detach()
+        gaps.append(float((lcss - ssm).abs().max()))
+    assert gaps[1] < 3e-3 and gaps[1] < 0.2 * gaps[0], gaps  # O(s): 0.013 at 1e-2, 0.0013 at 1e-3
+    other_probe = lcss_loss(score, x, 1e-3, generator=_gen(8)).detach()
+    assert float((other_probe - ssm).abs().max()) > 100 * gaps[1]  # the match is per sample, not on average
+    plain = lcss_loss(score, x, 1e-3, control_variate=False, generator=_gen(7)).detach()
+    assert float((plain - ssm).abs().max()) > 100 * gaps[1]
+
+
 def test_sde_loss_warns_once_when_the_smoothing_is_too_large_for_the_dimension():
     sde = build_sde("vp")
     net = lambda x, t, cond: 0.1 * x  # noqa: E731
