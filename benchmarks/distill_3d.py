@@ -33,7 +33,7 @@ steps to reach SDS's final mean IoU, relative to SDS's own (target to REPORT: SS
 monitored variance ratio (mean over monitor steps and seeds); median step time and its ratio to
 SDS within each seed.
 
-    python benchmarks/distill_3d.py --prior /work/artifacts/shapes-lcss \\
+    python benchmarks/distill_3d.py --prior /work/artifacts/shapes-lcss-v2 \\
         --depth-model /work/artifacts/depth-shapes-64 --seeds 0,1 --steps 200 \\
         --out benchmarks/results/distill_3d
     python benchmarks/distill_3d.py --quick --out /tmp/distill_3d     # tiny random models, minutes

@@ -30,7 +30,7 @@ means "more likely" under the prior). Steps of all arms run interleaved, so thei
 measured side by side. Outputs in ``--out``: ``variance_2d.json``, ``variance_ratio.png``,
 ``prior_loss.png``, ``images.png`` (rows: arms; columns: snapshots).
 
-    python benchmarks/variance_2d.py --prior /work/artifacts/shapes-lcss/prior \\
+    python benchmarks/variance_2d.py --prior /work/artifacts/shapes-lcss-v2 \\
         --depth-model /work/artifacts/depth-shapes-64 --out benchmarks/results/variance_2d
     python benchmarks/variance_2d.py --quick --out /tmp/variance_2d   # tiny random models, seconds
 """
