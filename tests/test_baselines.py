@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from torch import nn
 
 from lcss_prior.data.shapes import ShapesDataset
@@ -34,7 +33,7 @@ from threestudio_ssd.baselines import (
 from threestudio_ssd.depth import DepthEstimator
 from threestudio_ssd.depth.estimator import Preprocessing
 from threestudio_ssd.stein import baseline_value_and_grad
-from threestudio_ssd.testing import tiny_sd_vae_config
+from threestudio_ssd.testing import hotelling_p_value, tiny_sd_vae_config
 
 FALSE_ALARM = 1e-4
 
@@ -324,15 +323,6 @@ def test_constant_baseline_and_registry():
 # ----------------------------------------------------------------------------------------------
 # Zero mean of the Stein control variate with the real depth baseline
 # ----------------------------------------------------------------------------------------------
-
-
-def hotelling_p_value(samples: torch.Tensor) -> float:
-    """p-value of Hotelling's T^2 test of ``E[x] = 0`` for ``samples [N, p]``."""
-    x = samples.double()
-    n, p = x.shape
-    mean = x.mean(0)
-    t2 = n * mean @ torch.linalg.solve(torch.cov(x.T), mean)
-    return float(stats.f.sf((n - p) / (p * (n - 1)) * t2.item(), p, n - p))
 
 
 def stein_samples(phi_fn, x0: torch.Tensor, sigma: float, n: int, seed: int):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
 from threestudio_ssd.baselines import RenderOutputs, build_baseline
 from threestudio_ssd.depth import load_depth_estimator
@@ -28,6 +27,7 @@ from threestudio_ssd.score_models.stable_diffusion import (
 from threestudio_ssd.stein import baseline_value_and_grad, control_variates
 from threestudio_ssd.testing import (
     TINY_SD_TEXT_DIM,
+    hotelling_p_value,
     make_tiny_depth_estimator,
     make_tiny_prior,
     make_tiny_stable_diffusion,
@@ -233,15 +233,6 @@ def test_full_is_the_old_path_bit_for_bit_and_preview_uses_only_the_preview(sd, 
     assert not torch.allclose(phis, ref_full[0])
     out = preview(rgb, cond, render, generator=torch.Generator().manual_seed(7))
     assert out.stats["n_fallback"] == 0.0 and torch.isfinite(out.grad).all()
-
-
-def hotelling_p_value(samples: torch.Tensor) -> float:
-    """p-value of Hotelling's T^2 test of ``E[x] = 0`` for ``samples [N, p]``."""
-    x = samples.double()
-    n, p = x.shape
-    mean = x.mean(0)
-    t2 = n * mean @ torch.linalg.solve(torch.cov(x.T), mean)
-    return float(stats.f.sf((n - p) / (p * (n - 1)) * t2.item(), p, n - p))
 
 
 def test_preview_control_variate_is_zero_mean_and_wrong_forms_are_flagged(sd, depth):

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 from threestudio_ssd.stein import (
     ControlVariateWeight,
@@ -26,6 +25,7 @@ from threestudio_ssd.stein import (
     stein_gradient,
     timestep_bin,
 )
+from threestudio_ssd.testing import hotelling_p_value
 
 FALSE_ALARM = 1e-4  # family-wise level of every zero-mean check
 
@@ -34,13 +34,7 @@ def is_zero_mean(samples: torch.Tensor) -> tuple[bool, float]:
     """Hotelling's T^2 test of ``E[x] = 0`` for ``samples [N, ...]`` (flattened per draw):
     ``T^2 = N m^T S^-1 m`` and ``(N-p)/(p(N-1)) T^2 ~ F(p, N-p)`` under the null (CLT for N >> p).
     Returns ``(accepted at FALSE_ALARM, p-value)``."""
-    x = samples.detach().double().reshape(samples.shape[0], -1)
-    n, p = x.shape
-    mean = x.mean(0)
-    cov = torch.cov(x.T).reshape(p, p)
-    t2 = n * mean @ torch.linalg.solve(cov, mean)
-    f = (n - p) / (p * (n - 1)) * t2.item()
-    p_value = float(stats.f.sf(f, p, n - p))
+    p_value = hotelling_p_value(samples)
     return p_value > FALSE_ALARM, p_value
 
 

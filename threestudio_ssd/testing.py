@@ -170,3 +170,16 @@ def make_tiny_depth_estimator(
 
         DPTImageProcessor(size={"height": resolution, "width": resolution}).save_pretrained(folder)
     return folder
+
+
+def hotelling_p_value(samples: torch.Tensor) -> float:
+    """p-value of Hotelling's T^2 test of ``E[x] = 0`` for ``samples [N, ...]`` (flattened per draw):
+    ``T^2 = N m^T S^-1 m`` and ``(N - p) / (p (N - 1)) T^2 ~ F(p, N - p)`` under the null (CLT,
+    ``N >> p``)."""
+    from scipy import stats
+
+    x = samples.detach().double().reshape(samples.shape[0], -1)
+    n, p = x.shape
+    mean = x.mean(0)
+    t2 = n * mean @ torch.linalg.solve(torch.cov(x.T).reshape(p, p), mean)
+    return float(stats.f.sf((n - p) / (p * (n - 1)) * t2.item(), p, n - p))
