@@ -34,15 +34,6 @@ from lcss_prior.data.shapes import BOUNDING_RADIUS, COLORS, SHAPE_DIMENSIONS, SH
 SPHERE_RADIUS = 0.40  # the sphere primitive's radius (documented in docs/data.md)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The renderer works on many small tensors: one thread is faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
 # ---------------------------------------------------------------------------------------------

@@ -23,15 +23,6 @@ from threestudio_ssd.testing import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two OpenMP threads wait on each other on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     path = make_tiny_stable_diffusion(tmp_path_factory.mktemp("sd"))

@@ -42,15 +42,6 @@ FACTOR = torch.tensor([[0.4, 0.1, 0.0], [0.15, 0.3, 0.05], [0.0, -0.1, 0.25]], d
 COV = FACTOR @ FACTOR.T  # correlated, so the Jacobian of the drift is not diagonal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _points(n: int, seed: int = 0) -> torch.Tensor:
     return (
         MEAN

@@ -51,15 +51,6 @@ from lcss_prior.sde import build_sde
 N_SE = 5.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds synchronisation on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- Frechet distance ----------------------------------------------------------------------------
 
 

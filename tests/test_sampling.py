@@ -43,16 +43,6 @@ MEAN, STD, DIM, N = 0.5, 0.3, 2, 4000
 N_SE = 5.0  # tolerance in Monte-Carlo standard errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which made the
-    module 40x slower on a loaded 2-core machine (measured: 8.3 s vs 0.2 s for 500 EM steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gaussian(sde):
     return AnalyticGaussian(sde, torch.full((DIM,), MEAN), STD**2 * torch.eye(DIM))
 

@@ -23,16 +23,6 @@ TEXT_DIM = TINY_SD_TEXT_DIM
 TEXT_LEN = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared, busy CPU two OpenMP threads wait on each
-    other (measured: a tiny UNet call took 3-6 s on two threads and 0.1 s on one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
     return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))

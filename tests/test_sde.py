@@ -20,14 +20,6 @@ from lcss_prior.sde import SDES, VPSDE, TanhSDE, build_sde
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The simulations are thousands of small elementwise ops: on a shared, loaded CPU two intra-op
-    threads make them ~20x slower than one (measured: 23.6 s vs 1.2 s for 200 steps of 36k values)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 AFFINE = ("vp", "subvp", "ve")
 
 

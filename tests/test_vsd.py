@@ -12,14 +12,6 @@ from threestudio_ssd.testing import make_tiny_prior, make_tiny_stable_diffusion
 from threestudio_ssd.vsd import LoRALinear, ParticleScoreModel, pack_condition
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory):
     return LCSSPriorScoreModel(make_tiny_prior(tmp_path_factory.mktemp("prior") / "p"))

@@ -21,14 +21,6 @@ LABELS = torch.tensor([0, 1])
 STEPS, SPLIT = 5, 2  # the interrupted run stops after SPLIT steps and resumes for STEPS - SPLIT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory):
     return LCSSPriorScoreModel(make_tiny_prior(tmp_path_factory.mktemp("prior") / "p"))
