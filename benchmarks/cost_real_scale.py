@@ -516,43 +516,10 @@ def make_inputs(resolution: int, text_dim: int, device: torch.device, seed: int)
 
 def prompt_processor_output(inputs: Inputs) -> Any:
     """threestudio's ``PromptProcessorOutput`` around the given embeddings (its own prompt
-    processors would need the real text encoder and tokenizer), with threestudio's four view
-    directions and thresholds (``prompt_processors/base.py``)."""
-    from threestudio.models.prompt_processors.base import DirectionConfig, PromptProcessorOutput
+    processors would need the real text encoder and tokenizer)."""
+    from threestudio_ssd.threestudio.prompt_processor import text_embedding_prompt_output
 
-    def always(e, a, d):
-        return torch.ones_like(e, dtype=torch.bool)
-
-    def same(s):
-        return s
-
-    directions = [
-        DirectionConfig("side", same, same, always),
-        DirectionConfig("front", same, same, lambda e, a, d: (_shift(a) > -45) & (_shift(a) < 45)),
-        DirectionConfig("back", same, same, lambda e, a, d: (_shift(a) > 135) | (_shift(a) < -135)),
-        DirectionConfig("overhead", same, same, lambda e, a, d: e > 60),
-    ]
-    names = [d.name for d in directions]
-    return PromptProcessorOutput(
-        text_embeddings=inputs.text,
-        uncond_text_embeddings=inputs.uncond,
-        text_embeddings_vd=inputs.text_vd,
-        uncond_text_embeddings_vd=inputs.uncond_vd,
-        directions=directions,
-        direction2idx={n: i for i, n in enumerate(names)},
-        use_perp_neg=False,
-        perp_neg_f_sb=(1, 0.5, -0.606),
-        perp_neg_f_fsb=(1, 0.5, 0.967),
-        perp_neg_f_fs=(4, 0.5, -2.426),
-        perp_neg_f_sf=(4, 0.5, -2.426),
-        prompt="a red cube",
-        prompts_vd=[f"a red cube, {n} view" for n in names],
-    )
-
-
-def _shift(azimuth: torch.Tensor) -> torch.Tensor:
-    """Azimuth in ``(-180, 180]`` (threestudio's ``shift_azimuth_deg``)."""
-    return (azimuth + 180) % 360 - 180
+    return text_embedding_prompt_output(inputs.text, inputs.uncond, inputs.text_vd, inputs.uncond_vd, "a red cube")
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,3 +179,18 @@ def test_prompt_processor_view_dependent_captions(threestudio_ts, tmp_path):
     labels = pu.get_labels(elevation, azimuth, None, view_dependent_prompting=True)
     assert labels.tolist() == [1, 0, 2, 3, 2]  # front, side (no side caption: base), back, overhead, back
     assert pu.get_labels(elevation, azimuth, None, view_dependent_prompting=False).tolist() == [0] * 5
+
+
+def test_text_embedding_prompt_output_picks_threestudio_directions(threestudio_ts):
+    """The same cameras as above through threestudio's own ``get_text_embeddings``: each view gets
+    the embedding of its direction (side 0, front 1, back 2, overhead 3), azimuth wrapped."""
+    from threestudio_ssd.threestudio.prompt_processor import text_embedding_prompt_output
+
+    vd = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3)
+    out = text_embedding_prompt_output(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), vd, -vd, "a red cube")
+    elevation = torch.tensor([0.0, 0.0, 0.0, 80.0, 0.0, 0.0])
+    azimuth = torch.tensor([0.0, 90.0, 180.0, 0.0, -170.0, 350.0])
+    emb = out.get_text_embeddings(elevation, azimuth, torch.ones(6), view_dependent_prompting=True)
+    assert emb[:6, 0, 0].tolist() == [1.0, 0.0, 2.0, 3.0, 2.0, 1.0]  # conditional rows first
+    assert emb[6:, 0, 0].tolist() == [-1.0, -0.0, -2.0, -3.0, -2.0, -1.0]
+    assert out.prompts_vd == [f"a red cube, {d} view" for d in ("side", "front", "back", "overhead")]

@@ -35,37 +35,14 @@ SD_TEXT_LEN = 8
 
 def sd_prompt_utils(seed: int = 0):
     """threestudio's ``PromptProcessorOutput`` with random embeddings for its four directions."""
-    from threestudio.models.prompt_processors.base import DirectionConfig, PromptProcessorOutput
+    from threestudio_ssd.threestudio.prompt_processor import text_embedding_prompt_output
 
     g = torch.Generator().manual_seed(seed)
-    names = ["side", "front", "back", "overhead"]
-    directions = [
-        DirectionConfig(
-            "side", lambda s: s, lambda s: s, lambda e, a, d: torch.ones_like(e, dtype=torch.bool)
-        ),
-        DirectionConfig("front", lambda s: s, lambda s: s, lambda e, a, d: a.abs() < 45),
-        DirectionConfig("back", lambda s: s, lambda s: s, lambda e, a, d: a.abs() > 135),
-        DirectionConfig("overhead", lambda s: s, lambda s: s, lambda e, a, d: e > 60),
-    ]
 
     def emb(n: int) -> torch.Tensor:
         return torch.randn(n, SD_TEXT_LEN, TINY_SD_TEXT_DIM, generator=g)
 
-    return PromptProcessorOutput(
-        text_embeddings=emb(1),
-        uncond_text_embeddings=emb(1),
-        text_embeddings_vd=emb(4),
-        uncond_text_embeddings_vd=emb(4),
-        directions=directions,
-        direction2idx={n: i for i, n in enumerate(names)},
-        use_perp_neg=False,
-        perp_neg_f_sb=(1, 0.5, -0.606),
-        perp_neg_f_fsb=(1, 0.5, 0.967),
-        perp_neg_f_fs=(4, 0.5, -2.426),
-        perp_neg_f_sf=(4, 0.5, -2.426),
-        prompt="a test prompt",
-        prompts_vd=[f"a test prompt, {n} view" for n in names],
-    )
+    return text_embedding_prompt_output(emb(1), emb(1), emb(4), emb(4), "a test prompt")
 
 
 def sphere_render(

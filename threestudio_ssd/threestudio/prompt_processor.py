@@ -101,6 +101,48 @@ class PriorPromptProcessorOutput:
         return labels
 
 
+def text_embedding_prompt_output(
+    text: Tensor, uncond: Tensor, text_vd: Tensor, uncond_vd: Tensor, prompt: str
+) -> object:
+    """threestudio's ``PromptProcessorOutput`` around precomputed text embeddings (``[1, L, D]`` and,
+    per direction of ``DIRECTIONS``, ``[4, L, D]``), for Stable Diffusion guidances without running
+    threestudio's prompt processors (which need the text encoder): threestudio's four view
+    directions with its default thresholds (front/back 45 degrees, overhead 60), perp-neg off."""
+    from threestudio.models.prompt_processors.base import DirectionConfig, PromptProcessorOutput
+
+    def same(s: str) -> str:
+        return s
+
+    def side(e: Tensor, a: Tensor, d: Tensor) -> Tensor:
+        return torch.ones_like(e, dtype=torch.bool)
+
+    def front(e: Tensor, a: Tensor, d: Tensor) -> Tensor:
+        return shift_azimuth_deg(a).abs() < 45.0
+
+    def back(e: Tensor, a: Tensor, d: Tensor) -> Tensor:
+        return shift_azimuth_deg(a).abs() > 135.0
+
+    def overhead(e: Tensor, a: Tensor, d: Tensor) -> Tensor:
+        return e > 60.0
+
+    rules = {"side": side, "front": front, "back": back, "overhead": overhead}
+    return PromptProcessorOutput(
+        text_embeddings=text,
+        uncond_text_embeddings=uncond,
+        text_embeddings_vd=text_vd,
+        uncond_text_embeddings_vd=uncond_vd,
+        directions=[DirectionConfig(n, same, same, rules[n]) for n in DIRECTIONS],
+        direction2idx={n: i for i, n in enumerate(DIRECTIONS)},
+        use_perp_neg=False,
+        perp_neg_f_sb=(1, 0.5, -0.606),
+        perp_neg_f_fsb=(1, 0.5, 0.967),
+        perp_neg_f_fs=(4, 0.5, -2.426),
+        perp_neg_f_sf=(4, 0.5, -2.426),
+        prompt=prompt,
+        prompts_vd=[f"{prompt}, {n} view" for n in DIRECTIONS],
+    )
+
+
 @register("stein-prior-prompt-processor")
 class PriorPromptProcessor(BaseObject):
     """Maps ``prompt`` to the caption vocabulary of an exported LCSS prior."""
