@@ -194,24 +194,30 @@ class EpsNetwork(nn.Module):
             "time_scale": self.time_scale,
         }
 
+    def scalings(
+        self, t: Float[Tensor, " B"]
+    ) -> tuple[Float[Tensor, " B"], Float[Tensor, " B"], Float[Tensor, " B"]]:
+        """``(c_in, c_skip, c_out)`` of ``eps_hat = c_skip x_t + c_out unet(c_in x_t, ...)``, from one
+        evaluation of ``alpha(t)`` and ``std(t)``. With ``c = 1 / sqrt(alpha^2 sigma_data^2 + std^2)``:
+        ``c_in = c`` (``1`` for ``input_scaling="none"``); ``(c_skip, c_out) = (std c^2, alpha
+        sigma_data c)`` for ``output_scaling="edm"``, ``(0, 1)`` for ``"none"``."""
+        one = torch.ones_like(t)
+        if self.input_scaling == "none" and self.output_scaling == "none":
+            return one, torch.zeros_like(t), one
+        alpha, std = self.sde.alpha(t), self.sde.std(t)
+        c = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+        c_in = c if self.input_scaling == "edm" else one
+        if self.output_scaling == "none":
+            return c_in, torch.zeros_like(t), one
+        return c_in, std * c**2, alpha * self.sigma_data * c
+
     def c_in(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         """Input scale ``1 / sqrt(alpha(t)^2 sigma_data^2 + std(t)^2)`` (``1`` for ``"none"``)."""
-        if self.input_scaling == "none":
-            return torch.ones_like(t)
-        return self._edm_scale(t)
-
-    def _edm_scale(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
-        alpha, std = self.sde.alpha(t), self.sde.std(t)
-        return torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+        return self.scalings(t)[0]
 
     def skip_and_out(self, t: Float[Tensor, " B"]) -> tuple[Float[Tensor, " B"], Float[Tensor, " B"]]:
-        """``(c_skip, c_out)`` of ``eps_hat = c_skip x_t + c_out F``: ``(0, 1)`` for
-        ``output_scaling="none"``, ``(std c^2, alpha sigma_data c)`` with ``c = 1 / sqrt(alpha^2
-        sigma_data^2 + std^2)`` for ``"edm"``."""
-        if self.output_scaling == "none":
-            return torch.zeros_like(t), torch.ones_like(t)
-        c = self._edm_scale(t)
-        return self.sde.std(t) * c**2, self.sde.alpha(t) * self.sigma_data * c
+        """``(c_skip, c_out)`` of ``scalings``."""
+        return self.scalings(t)[1:]
 
     def forward(
         self,
@@ -242,11 +248,17 @@ class EpsNetwork(nn.Module):
                         f"class_labels must lie in [0, {self.null_class}] ({self.null_class} = NULL class), "
                         f"got values in [{int(labels.min())}, {int(labels.max())}]"
                     )
-        scale = self.c_in(t).to(x_t.dtype).view(b, 1, 1, 1)
-        out = self.unet(scale * x_t, self.time_scale * t, class_labels=labels).sample
+        return self.predict(x_t, t, labels)
+
+    def predict(self, x_t: Float[Tensor, "B C H W"], t: Float[Tensor, " B"], unet_labels: Any) -> Tensor:
+        """``c_skip x_t + c_out unet(c_in x_t, time_scale t, unet_labels)`` with ``t [B]`` and the
+        UNet's class input passed through unchecked: ``forward`` after its checks, and the one way a
+        wrapper with its own class embedding (the VSD particle's label + camera) runs this network."""
+        b = x_t.shape[0]
+        c_in, c_skip, c_out = (c.to(x_t.dtype).view(b, 1, 1, 1) for c in self.scalings(t))
+        out = self.unet(c_in * x_t, self.time_scale * t, class_labels=unet_labels).sample
         if self.output_scaling == "none":
             return out
-        c_skip, c_out = (c.to(x_t.dtype).view(b, 1, 1, 1) for c in self.skip_and_out(t))
         return c_skip * x_t + c_out * out
 
     def drop_labels(

@@ -57,10 +57,20 @@ def test_stable_diffusion_is_refused_with_a_pointer(tmp_path):
         ParticleScoreModel(sd)
 
 
+@pytest.fixture(scope="module")
+def skip_prior(tmp_path_factory):
+    """A prior with the skip connection ``output_scaling="edm"`` (the training default)."""
+    folder = tmp_path_factory.mktemp("skip_prior") / "p"
+    return LCSSPriorScoreModel(make_tiny_prior(folder, input_scaling="edm", output_scaling="edm"))
+
+
+@pytest.mark.parametrize("prior_fixture", ["prior", "skip_prior"])
 @pytest.mark.parametrize("lora_rank", [None, 2])
-def test_starts_as_the_prior_for_every_camera_and_leaves_the_prior_alone(prior, lora_rank):
+def test_starts_as_the_prior_for_every_camera_and_leaves_the_prior_alone(request, prior_fixture, lora_rank):
     """Zero-initialised camera MLP (and LoRA up-projections): at initialisation the particle model
-    is the prior's conditional network, whatever the camera and the camera guidance scale."""
+    is the prior's conditional network, whatever the camera and the camera guidance scale, and
+    whatever the prior network's input/output scalings."""
+    prior = request.getfixturevalue(prior_fixture)
     before = {k: v.clone() for k, v in prior.state_dict().items()}
     particle = ParticleScoreModel(prior, guidance_scale=3.0, lora_rank=lora_rank)
     x_t, t = noisy(prior, 4, 0)

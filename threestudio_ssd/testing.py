@@ -121,11 +121,12 @@ def make_tiny_prior(
     block_out_channels: Sequence[int] = (32, 32),
     norm_num_groups: int | None = None,
     input_scaling: Literal["none", "edm"] = "none",
+    output_scaling: Literal["none", "edm"] = "none",
 ) -> Path:
     """An exported class-conditional LCSS prior folder (``lcss_prior.export.export_prior``) with a
     random UNet (``lcss_prior.model.build_unet``'s ``"tiny"`` preset with one level per width in
     ``block_out_channels``, ``norm_num_groups`` when given) and the network input scaling
-    ``input_scaling``; ``null_class = len(captions)``."""
+    ``input_scaling`` and output scaling ``output_scaling``; ``null_class = len(captions)``."""
     from lcss_prior.export import export_prior
     from lcss_prior.model import EpsNetwork, build_unet
     from lcss_prior.sde import build_sde
@@ -140,7 +141,7 @@ def make_tiny_prior(
         norm_num_groups=norm_num_groups,
     )
     process = build_sde(sde)
-    network = EpsNetwork(unet, process, input_scaling=input_scaling)
+    network = EpsNetwork(unet, process, input_scaling=input_scaling, output_scaling=output_scaling)
     return export_prior(network, process, folder, list(captions), resolution, 3, len(captions))
 
 

@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from lcss_prior.guidance import classifier_free_guidance
 from lcss_prior.losses import SDELoss
 from lcss_prior.model import EpsNetwork
-from lcss_prior.sde import per_sample
 from threestudio_ssd.score_models.base import ScoreModel
 
 __all__ = [
@@ -209,12 +208,11 @@ class ParticleScoreModel(nn.Module):
     def model_fn(
         self, x_t: Float[Tensor, "B C H W"], t: Float[Tensor, " B"], packed: Float[Tensor, "B 17"]
     ) -> Float[Tensor, "B C H W"]:
-        """``eps_hat = unet(c_in(t) x_t, time_scale t, [label, vec(c2w)])``, the prior network's input
-        scaling and time scale (``EpsNetwork``) with the packed condition; differentiable."""
-        net = self.network
+        """``eps_hat`` of the prior network's own prediction path (``EpsNetwork.predict``: its input
+        and output scalings and time scale) with the packed condition ``[label, vec(c2w)]`` as the
+        UNet's class input; differentiable."""
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        scale = per_sample(net.c_in(t).to(x_t.dtype), x_t)
-        return net.unet(scale * x_t, net.time_scale * t, class_labels=packed).sample
+        return self.network.predict(x_t, t, packed)
 
     @torch.no_grad()
     def eps(
