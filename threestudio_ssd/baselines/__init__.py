@@ -18,6 +18,7 @@ from threestudio_ssd.baselines.ops import (
     depth_to_normals,
     depth_to_points,
     masked_pearson,
+    median_mad_normalize,
     ray_directions,
     scale_shift_align,
     world_to_camera_normals,
@@ -38,6 +39,7 @@ __all__ = [
     "depth_to_points",
     "masked_pearson",
     "ray_directions",
+    "median_mad_normalize",
     "scale_shift_align",
     "world_to_camera_normals",
 ]

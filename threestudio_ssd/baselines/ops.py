@@ -66,11 +66,16 @@ def scale_shift_align(
     pred: Float[Tensor, "B H W"],
     target: Float[Tensor, "B H W"],
     mask: Bool[Tensor, "B H W"],
+    positive_scale: bool = True,
 ) -> Float[Tensor, "B H W"]:
     """Least-squares scale and shift per image: ``s * pred + c`` with
     ``(s, c) = argmin sum_mask (s * pred + c - target)^2`` (MiDaS' alignment).
 
     Closed form: ``s = cov(pred, target) / var(pred)``, ``c = tbar - s * pbar`` over the mask.
+    With ``positive_scale`` (the default) the fit is constrained to ``s >= 0``; its optimum is then
+    ``max(s, 0)`` with the same formula for ``c``, so an inverted prediction (negative correlation)
+    aligns to the flat mean instead of being silently flipped back (docs/depth.md, "Signs").
+    ``positive_scale=False`` is the unconstrained fit, blind to the sign.
     Where the mask is empty or ``pred`` is constant on it, ``s = 0`` and ``c`` is the target's mean
     (0 for an empty mask). Differentiable in ``pred`` (and ``target``); returned on all pixels.
     """
@@ -85,8 +90,26 @@ def scale_shift_align(
     var_p = (dp**2).sum((1, 2))
     ok = var_p > torch.finfo(pred.dtype).eps * (p_mean.detach() ** 2 + 1e-30) * n
     s = torch.where(ok, (dp * dt).sum((1, 2)) / torch.where(ok, var_p, torch.ones_like(var_p)), 0.0 * var_p)
+    if positive_scale:
+        s = s.clamp_min(0.0)
     c = t_mean - s * p_mean
     return s[:, None, None] * pred + c[:, None, None]
+
+
+def median_mad_normalize(x: Float[Tensor, "B H W"], mask: Bool[Tensor, "B H W"]) -> Float[Tensor, "B H W"]:
+    """MiDaS' scale-and-shift normalisation per image: ``(x - t) / s`` with ``t`` the median of ``x``
+    over the mask and ``s = mean_mask |x - t|`` (floored at ``1e-6``; an empty mask gives ``t = 0,
+    s = 1e-6``). The scale is positive by construction, so comparing two normalised maps sees the
+    sign of their relief (unlike the least-squares fit without ``positive_scale``). Differentiable
+    in ``x``; returned on all pixels."""
+    _check_same_shape("x", x, "mask", mask)
+    flat = x.flatten(1)
+    m = mask.flatten(1)
+    med = torch.where(m, flat, torch.full_like(flat, float("nan"))).nanmedian(dim=1).values
+    med = torch.nan_to_num(med, nan=0.0)
+    mf = m.to(x.dtype)
+    mad = ((flat - med[:, None]).abs() * mf).sum(1) / mf.sum(1).clamp_min(1.0)
+    return (x - med[:, None, None]) / mad.clamp_min(1e-6)[:, None, None]
 
 
 def depth_to_disparity(

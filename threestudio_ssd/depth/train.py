@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from threestudio_ssd.baselines.ops import depth_to_disparity, masked_pearson, scale_shift_align
+from threestudio_ssd.baselines.ops import (
+    depth_to_disparity,
+    masked_pearson,
+    median_mad_normalize,
+    scale_shift_align,
+)
 from threestudio_ssd.depth.estimator import DepthEstimator, Preprocessing, load_depth_estimator
 
 
@@ -48,24 +54,17 @@ def scale_shift_invariant_loss(
     mask: Bool[Tensor, "B H W"],
     kind: str = "l1",
 ) -> Float[Tensor, " B"]:
-    """Per-image MiDaS loss ``mean_mask rho(s * pred + c - target)`` with the least-squares
-    ``(s, c)`` of :func:`scale_shift_align` and ``rho = |.|`` (``l1``) or ``(.)^2`` (``l2``).
+    """Per-image MiDaS loss ``mean_mask rho(n(pred) - n(target))`` with ``n`` the median /
+    mean-absolute-deviation normalisation over the mask (:func:`median_mad_normalize`) and
+    ``rho = |.|`` (``l1``) or ``(.)^2`` (``l2``). Both scales are positive, so an inverted relief
+    costs as much as a wrong one (a least-squares fit with a free sign would align it away).
     Un-reduced: one value per image."""
     if kind not in ("l1", "l2"):
         raise ValueError(f"loss kind must be 'l1' or 'l2', got {kind!r}")
-    residual = scale_shift_align(pred, target, mask) - target
+    residual = median_mad_normalize(pred, mask) - median_mad_normalize(target, mask)
     rho = residual.abs() if kind == "l1" else residual**2
     m = mask.to(pred.dtype)
     return (rho * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
-
-
-def foreground_spread(disparity: Float[Tensor, "N H W"], mask: Bool[Tensor, "N H W"]) -> Float[Tensor, " N"]:
-    """Standard deviation of the true disparity over each object (floored at 1e-3)."""
-    m = mask.to(disparity.dtype)
-    n = m.sum((1, 2)).clamp_min(1.0)
-    mean = (disparity * m).sum((1, 2)) / n
-    var = (((disparity - mean[:, None, None]) * m) ** 2).sum((1, 2)) / n
-    return var.sqrt().clamp_min(1e-3)
 
 
 def render_split(
@@ -220,7 +219,6 @@ def train(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     n = train_data["rgb"].shape[0]
     valid_all = torch.ones_like(train_data["mask"])  # background has a true disparity too (0)
-    fg_scale = foreground_spread(train_data["disparity"], train_data["mask"])
     start = time.time()
     bar = tqdm(range(args.steps), desc="training depth DPT")
     for _ in bar:
@@ -233,8 +231,7 @@ def train(args: argparse.Namespace) -> dict:
         pred = estimator(rgb)
         loss = scale_shift_invariant_loss(pred, target, valid_all[idx], args.loss)
         if args.fg_weight > 0:
-            fg_loss = scale_shift_invariant_loss(pred, target, fg, args.loss) / fg_scale[idx]
-            loss = loss + args.fg_weight * fg_loss
+            loss = loss + args.fg_weight * scale_shift_invariant_loss(pred, target, fg, args.loss)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +280,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="weight of a second scale-shift-invariant term over the object only, divided by the "
         "object's disparity spread (0 disables it)",
     )
+    p.add_argument(
+        "--min-pearson",
+        type=float,
+        default=0.5,
+        help="exit non-zero (the model is still saved) when the held-out foreground Pearson after "
+        "training is below this; a negative one means inverted relief (default 0.5)",
+    )
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -307,14 +311,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_quality(after: dict, min_pearson: float) -> str | None:
+    """The reason a trained model is not good enough, or None. A negative held-out foreground
+    Pearson means the model predicts the relief upside down (inverted disparity)."""
+    r = after["pearson"]
+    if r < 0:
+        return (
+            f"held-out foreground Pearson is NEGATIVE ({r:.3f}): the model predicts inverted relief "
+            f"(far parts near); the depth baseline would read agreement as disagreement"
+        )
+    if r < min_pearson:
+        return f"held-out foreground Pearson {r:.3f} is below --min-pearson {min_pearson}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     record = train(args)
     h = record["held_out"]
     print(
         json.dumps({"output": args.output, "held_out": h, "train_seconds": record["train_seconds"]}, indent=2)
     )
+    problem = check_quality(h["after"], args.min_pearson)
+    if problem is not None:
+        print(
+            f"ssd-train-depth: NOT A GOOD MODEL: {problem}. It is saved in {args.output} for "
+            "inspection; train longer or with another --seed before using it.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
