@@ -2,7 +2,8 @@
 
 Takes ``launch.py``'s arguments (``--config X.yaml --train|--validate|--test|--export [--gpu N]
 [resume=...] [overrides...]``) plus ``--threestudio-root`` (default: the working directory when it
-is a threestudio checkout, else ``$THREESTUDIO_SRC``). On a machine with a GPU it runs
+is a threestudio checkout, else the pinned threestudio of ``threestudio_ssd.checkout``:
+``$THREESTUDIO_SRC``, the cache, the vendored snapshot or a clone). On a machine with a GPU it runs
 threestudio's own ``launch.py`` ``main`` unchanged; without one it builds the same data module,
 system, callbacks and loggers with a CPU Lightning trainer (``threestudio_ssd/threestudio/
 launcher.py``).
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threestudio-root",
         default=None,
         help="threestudio checkout (with launch.py, threestudio/, load/, custom/); default: the "
-        "working directory if it is one, else $THREESTUDIO_SRC",
+        "working directory if it is one, else the pinned checkout (python -m threestudio_ssd.checkout)",
     )
     return parser
 
@@ -63,21 +64,26 @@ def is_threestudio_root(path: str | None) -> bool:
 
 def find_threestudio_root(explicit: str | None = None) -> str:
     """``explicit`` (``--threestudio-root``), else the working directory if it is a checkout,
-    else ``$THREESTUDIO_SRC``; raises naming what was tried."""
+    else the pinned threestudio (``$THREESTUDIO_SRC``, the cache, the vendored snapshot or a clone:
+    :func:`threestudio_ssd.checkout.get_threestudio`); raises naming what was tried."""
     if explicit is not None:
         if not is_threestudio_root(explicit):
             raise FileNotFoundError(
                 f"--threestudio-root={explicit!r} is not a threestudio checkout (needs launch.py and threestudio/)"
             )
         return os.path.abspath(explicit)
-    env = os.environ.get("THREESTUDIO_SRC")
-    for candidate in (os.getcwd(), env):
-        if is_threestudio_root(candidate):
-            return os.path.abspath(candidate)
-    raise FileNotFoundError(
-        f"No threestudio checkout found: the working directory {os.getcwd()!r} is not one and "
-        f"THREESTUDIO_SRC={env!r}. Run from the checkout, or pass --threestudio-root."
-    )
+    if is_threestudio_root(os.getcwd()):
+        return os.getcwd()
+    from threestudio_ssd.checkout import get_threestudio
+
+    try:
+        return str(get_threestudio())
+    except (OSError, RuntimeError) as err:
+        raise FileNotFoundError(
+            f"No threestudio checkout found: the working directory {os.getcwd()!r} is not one, and "
+            f"the pinned checkout could not be obtained ({err}). Run from a checkout, pass "
+            "--threestudio-root, or set THREESTUDIO_SRC."
+        ) from err
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """Integration tests against a real threestudio checkout.
 
-The checkout comes from ``THREESTUDIO_SRC``. Without it every test here is skipped; with
-``REQUIRE_THREESTUDIO=1`` a missing checkout or a missing dependency is a failure instead.
+The checkout comes from ``THREESTUDIO_SRC``, else from ``threestudio_ssd.checkout.get_threestudio``
+(the pinned commit, extracted from the vendored snapshot into the cache). Only when neither exists
+is every test here skipped; with ``REQUIRE_THREESTUDIO=1`` (CI, the README's test command) a missing
+checkout or a missing dependency is a failure instead.
 
 ``threestudio_root`` builds a temporary threestudio root (``make_extension_root``): symlinks to the
 checkout's ``launch.py``, ``threestudio/``, ``load/`` and ``extern/`` (imported by threestudio), and
@@ -35,28 +37,32 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="session")
 def threestudio_src() -> Path:
-    src = os.environ.get("THREESTUDIO_SRC")
-    if not src:
-        _unavailable("THREESTUDIO_SRC is not set (point it at a threestudio checkout)")
-    path = Path(src)
-    missing = [
-        p for p in ("launch.py", "threestudio/__init__.py", "load", "extern") if not (path / p).exists()
-    ]
+    """``$THREESTUDIO_SRC``, else the pinned checkout of ``threestudio_ssd.checkout.get_threestudio``
+    (the cache, or the vendored snapshot extracted into it; never a network clone in tests). The
+    path is exported as ``THREESTUDIO_SRC`` so that subprocesses use the same checkout."""
+    from threestudio_ssd.checkout import get_threestudio, missing_entries
+
+    try:
+        path = get_threestudio(allow_clone=False)
+    except (OSError, RuntimeError) as err:
+        _unavailable(f"no threestudio checkout: {err}")
+    missing = missing_entries(path)
     if missing:
-        _unavailable(f"THREESTUDIO_SRC={src} is missing {missing}")
+        _unavailable(f"{path} is missing {missing}")
     import importlib.util
 
     absent = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if absent:
         _unavailable(f"threestudio's dependencies are not installed: {absent}")
+    os.environ["THREESTUDIO_SRC"] = str(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def threestudio_root(threestudio_ts, threestudio_src: Path, tmp_path_factory) -> Path:
     """A temporary threestudio root with this repository in ``custom/threestudio-ssd``
-    (``threestudio_ssd.threestudio.checkout.make_extension_root``, as the benchmarks build it)."""
-    from threestudio_ssd.threestudio.checkout import make_extension_root
+    (``threestudio_ssd.checkout.make_extension_root``, as the benchmarks build it)."""
+    from threestudio_ssd.checkout import make_extension_root
 
     return make_extension_root(threestudio_src, tmp_path_factory.mktemp("threestudio_root"), REPO)
 
