@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lcss_prior import __version__
 from lcss_prior.guidance import classifier_free_guidance
+from lcss_prior.manifest import ManifestError, verify_manifest
 from lcss_prior.model import EpsNetwork
 
 FORMAT = "lcss-prior"
@@ -244,13 +245,18 @@ def export_prior(
 
 
 def read_prior_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``<path>/prior.json``; every problem is a ``PriorFormatError``."""
+    """Read and validate ``<path>/prior.json`` (and the folder's ``MANIFEST.json`` checksums when it
+    has one, ``lcss_prior.manifest``); every problem is a ``PriorFormatError``."""
     folder = Path(path)
     if not folder.is_dir():
         raise PriorFormatError(f"prior folder {folder} does not exist (or is not a folder)")
     meta_path = folder / PRIOR_JSON
     if not meta_path.is_file():
         raise PriorFormatError(f"{meta_path} is missing: {folder} is not an exported lcss-prior folder")
+    try:
+        verify_manifest(folder)  # shipped priors: every file as trained (no manifest: not checked)
+    except ManifestError as err:
+        raise PriorFormatError(str(err)) from err
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -332,11 +332,16 @@ def load_depth_estimator(
     Raises:
         FileNotFoundError: the folder does not exist, or a Hub id cannot be obtained (offline).
         ValueError: the folder is not a transformers depth-estimation checkpoint.
+        lcss_prior.manifest.ManifestError (a ValueError): a file listed in the folder's
+            ``MANIFEST.json`` is missing or corrupted.
     """
     from transformers import AutoModelForDepthEstimation
 
+    from lcss_prior.manifest import verify_manifest
+
     path_or_id = str(path_or_id)
     folder, _ = _resolve_folder(path_or_id)
+    verify_manifest(folder)  # a shipped model: every file as trained (ManifestError names the bad one)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(

@@ -10,7 +10,6 @@ camera direction, with threestudio's direction rules and thresholds.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -36,22 +35,17 @@ def shift_azimuth_deg(azimuth: Tensor) -> Tensor:
 
 
 def read_prior_captions(prior_path: str) -> tuple[list[str], int | None]:
-    """``(captions, null_class)`` from ``<prior_path>/prior.json``; raises naming the file."""
-    meta_path = os.path.join(prior_path, "prior.json")
-    if not os.path.isdir(prior_path):
-        raise FileNotFoundError(f"prior_path={prior_path!r}: no such folder (expected an lcss_prior export)")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
-            f"prior_path={prior_path!r}: {meta_path} is missing (not an lcss_prior export)"
+    """``(captions, null_class)`` from ``<prior_path>/prior.json``, read and validated by
+    ``lcss_prior.export.read_prior_json`` (format, version, manifest checksums); raises naming the
+    file."""
+    from lcss_prior.export import read_prior_json
+
+    meta = read_prior_json(prior_path)
+    if not meta["captions"]:
+        raise ValueError(
+            f"{os.path.join(prior_path, 'prior.json')}: 'captions' is empty (the prior is unconditional)"
         )
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != "lcss-prior":
-        raise ValueError(f"{meta_path}: format is {meta.get('format')!r}, expected 'lcss-prior'")
-    captions = meta.get("captions")
-    if not isinstance(captions, list) or not captions:
-        raise ValueError(f"{meta_path}: 'captions' must be a non-empty list (the prior is unconditional?)")
-    return [str(c) for c in captions], meta.get("null_class")
+    return list(meta["captions"]), meta["null_class"]
 
 
 @dataclass
