@@ -19,6 +19,7 @@ EXPECTED = {
     "stein-prior-prompt-processor",
     "stein-score-distillation-guidance",
     "steindreamer-system",
+    "stein-vertex-color-mesh-exporter",
 }
 
 SCRIPT = r"""
