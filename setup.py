@@ -7,23 +7,27 @@ Two packages ship from this repository:
 * ``lcss_prior`` -- score-matching objectives (LCSS, DSM, SSM, FD-SSM), SDEs, training, sampling,
   likelihood and the exported prior format that ``threestudio_ssd`` loads.
 
-Versions are pinned to one environment in which threestudio 0.2.3 itself imports and runs
-(see DESIGN.md section 6): threestudio needs ``diffusers<0.20``, and diffusers 0.19.3 needs
-``huggingface_hub<0.26``.
+Requirements are RANGES: the plugin installs into a user's threestudio GPU environment, where
+torch, tiny-cuda-nn and nerfacc were built together, and must not replace any of them (no pin of
+torch or of anything threestudio installs). The bounds that exist come from threestudio itself:
+``diffusers<0.20``, and diffusers 0.19 imports ``huggingface_hub.cached_download`` (gone in 0.26).
+The exact environment the tests run in (CPU) is ``constraints-cpu.txt``, which the README's
+commands pass with ``-c``; ``scripts/check_install.py`` shows that installing next to threestudio's
+own requirements keeps the user's torch.
 """
 
 from setuptools import find_packages, setup
 
 CORE = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "diffusers==0.19.3",
-    "huggingface_hub==0.25.2",
-    "transformers==4.46.3",
+    "torch>=2.0",
+    "torchvision",
+    "diffusers>=0.19,<0.20",
+    "huggingface_hub>=0.14,<0.26",
+    "transformers>=4.28,<5",
     "safetensors",
     "accelerate",
-    "pytorch_lightning>=2.6,<2.7",
-    "omegaconf==2.3.0",
+    "pytorch_lightning>=2.0,<3",
+    "omegaconf>=2.3,<2.4",
     "numpy",
     "scipy",
     "scikit-learn",
@@ -36,11 +40,12 @@ CORE = [
 ]
 
 # What threestudio 0.2.3 imports on a CPU machine (besides the CUDA-only packages, for which
-# ``threestudio_ssd.threestudio.cpu`` installs placeholders). ``envlight`` must be installed
-# without its dependencies: ``pip install --no-deps envlight==0.1.0``.
+# ``threestudio_ssd.threestudio.cpu`` installs placeholders). A GPU environment set up by
+# threestudio's requirements.txt already has all of them. ``envlight`` must be installed without
+# its dependencies: ``pip install --no-deps envlight==0.1.0``.
 THREESTUDIO = [
-    "libigl==2.5.1",
-    "nerfacc==0.5.3",
+    "libigl<2.6",  # 2.6 removed igl.fast_winding_number_for_meshes, which threestudio imports
+    "nerfacc>=0.5.2,<0.6",
     "typeguard",
     "opencv-python-headless",
     "trimesh",
@@ -54,7 +59,7 @@ THREESTUDIO = [
     "networkx",
 ]
 
-EVAL = ["open-clip-torch>=3.3,<3.4"]
+EVAL = ["open-clip-torch>=3.3,<4"]
 
 TEST = ["pytest", "pytest-timeout", "ruff"]
 
