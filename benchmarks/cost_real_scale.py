@@ -56,7 +56,7 @@ Usage::
     THREESTUDIO_SRC=/path/to/threestudio python benchmarks/cost_real_scale.py          # CPU, 512 px
     THREESTUDIO_SRC=... python benchmarks/cost_real_scale.py --device cuda --fp16 --rounds 20
     python benchmarks/cost_real_scale.py --arms sds,ssd,ssd-preview --no-memory --tag cpu-preview
-    python benchmarks/cost_real_scale.py --quick --out /tmp/cost                        # < 1 min
+    python benchmarks/cost_real_scale.py --quick --out runs/cost-quick                        # < 1 min
 """
 
 from __future__ import annotations

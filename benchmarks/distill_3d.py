@@ -33,12 +33,11 @@ steps to reach SDS's final mean IoU, relative to SDS's own (target to REPORT: SS
 monitored variance ratio (mean over monitor steps and seeds); median step time and its ratio to
 SDS within each seed.
 
-    python benchmarks/distill_3d.py --prior /work/artifacts/shapes-lcss-v2 \\
-        --depth-model /work/artifacts/depth-shapes-64 --seeds 0,1 --steps 200 \\
+    python benchmarks/distill_3d.py --seeds 0,1 --steps 200 \\
         --out benchmarks/results/distill_3d
-    python benchmarks/distill_3d.py --quick --out /tmp/distill_3d     # tiny random models, minutes
+    python benchmarks/distill_3d.py --quick --out runs/distill_3d-quick     # tiny random models, minutes
 
-Needs a threestudio checkout (``--threestudio-root`` or ``$THREESTUDIO_SRC``); the runs live in
+Uses ``--threestudio-root``, else the pinned threestudio (``threestudio_ssd.checkout``); the runs live in
 ``--work-dir`` (a temporary folder by default), only the summary goes to ``--out``.
 """
 
@@ -107,8 +106,12 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prior", default=None, help="exported lcss-prior folder (the shapes prior)")
-    p.add_argument("--depth-model", default=None, help="depth checkpoint folder (the shapes DPT), for SSD")
+    p.add_argument(
+        "--prior", default=None, help="exported lcss-prior folder (default: the shipped models/shapes-lcss-32)"
+    )
+    p.add_argument(
+        "--depth-model", default=None, help="depth checkpoint folder, for SSD (default: models/depth-shapes-64)"
+    )
     p.add_argument("--prompt", default="a red cube", help="a caption of the shapes vocabulary")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
     p.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32, help="training render size (data.width/height)")
     p.add_argument("--samples-per-ray", type=int, default=48)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--threestudio-root", default=None, help="threestudio checkout (default $THREESTUDIO_SRC)")
+    p.add_argument("--threestudio-root", default=None, help="threestudio checkout (default: the pinned one, python -m threestudio_ssd.checkout)")
     p.add_argument(
         "--work-dir", default=None, help="where the runs are written (default: a temporary folder)"
     )
@@ -162,10 +165,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         args.samples_per_ray, args.monitor_every, args.monitor_draws = 8, 2, 4
         args.overrides = ["system.geometry.mlp_network_config.n_neurons=16", *args.overrides]
     else:
-        if not args.prior:
-            parser.error("--prior is required (an exported shapes prior) unless --quick")
-        if "ssd" in arms and not args.depth_model:
-            parser.error("--depth-model is required for the ssd arm unless --quick")
+        from threestudio_ssd.shipped import DEPTH, PRIOR, shipped_model
+
+        args.prior = args.prior or str(shipped_model(PRIOR))
+        args.depth_model = args.depth_model or str(shipped_model(DEPTH))
     for key in ("steps", "eval_every", "eval_views", "eval_resolution", "monitor_draws", "threads"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -688,12 +691,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker(json.loads(Path(argv[1]).read_text()))
         return {}
     settings, args = parse_args(argv)
-    src = args.threestudio_root or os.environ.get("THREESTUDIO_SRC")
-    if not src:
-        raise SystemExit("needs a threestudio checkout: --threestudio-root or $THREESTUDIO_SRC")
+    from threestudio_ssd.checkout import get_threestudio, make_extension_root
+    from threestudio_ssd.shipped import repo_relative
+
+    src = args.threestudio_root or str(get_threestudio())
     if src not in sys.path:
         sys.path.insert(0, src)
-    from threestudio_ssd.threestudio.checkout import make_extension_root
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -717,9 +720,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             records[seed], load[seed] = run_seed(settings, seed, root, models, work, args.timeout)
     summary = summarize(settings, records)
     result = {
-        "settings": asdict(settings),
-        "models": models,
-        "work_dir": str(work),
+        "settings": {
+            **asdict(settings),
+            "prior": repo_relative(settings.prior) if settings.prior else None,
+            "depth_model": repo_relative(settings.depth_model) if settings.depth_model else None,
+        },
+        "models": {k: repo_relative(v) for k, v in models.items() if v},
+        # a folder outside the repository is this machine's business, not the result's
+        "work_dir": repo_relative(work) if not Path(repo_relative(work)).is_absolute() else "(temporary)",
         "wall_s": None if args.summarize_only else time.perf_counter() - start,
         "load": {str(k): v for k, v in load.items()},
         "summary": summary,

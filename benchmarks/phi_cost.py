@@ -12,7 +12,7 @@ Measures, side by side in one process, on one batch of 64 px images:
 timed alternately (so both see the same machine load) and prints median times and ratios. SSD adds ``phi + grad`` to every guidance step, whose
 cost is otherwise one (or, with classifier-free guidance, two batched) prior evaluations.
 
-    python benchmarks/phi_cost.py --depth-model /work/artifacts/depth-shapes-64 --threads 1
+    python benchmarks/phi_cost.py --threads 1          # the shipped models/depth-shapes-64
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def timed_alternately(fns: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth-model", default=None, help="depth checkpoint folder (default: a fresh tiny DPT)")
+    p.add_argument("--depth-model", default=None, help="depth checkpoint folder (default: the shipped models/depth-shapes-64)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
@@ -51,7 +51,6 @@ def main() -> None:
     from lcss_prior.model import build_unet
     from threestudio_ssd.baselines import RenderOutputs, build_baseline
     from threestudio_ssd.depth import load_depth_estimator
-    from threestudio_ssd.depth.train import build_model
     from threestudio_ssd.stein import baseline_value_and_grad
 
     res, b = args.resolution, args.batch_size
@@ -62,9 +61,11 @@ def main() -> None:
         depth=torch.stack([it["depth"] for it in items]),
         opacity=torch.stack([it["mask"] for it in items]).float(),
     )
-    estimator = (
-        load_depth_estimator(args.depth_model) if args.depth_model else build_model(res, 64, 4, 4, 8, 0)
-    )
+    if args.depth_model is None:
+        from threestudio_ssd.shipped import DEPTH, shipped_model
+
+        args.depth_model = shipped_model(DEPTH)
+    estimator = load_depth_estimator(args.depth_model)
     baseline = build_baseline("depth", estimator=estimator)
     x_t = x0 + 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
 

@@ -32,7 +32,7 @@ SSM's double backprop through the UNet's self-attention needs PyTorch's *math* a
 (the fused CPU flash kernel has no double backward), so every method runs under
 ``sdpa_kernel(MATH)``: the same network computation for all four.
 
-    python benchmarks/score_matching.py --quick --out /tmp/sm          # a few minutes
+    python benchmarks/score_matching.py --quick --out runs/sm-quick          # a few minutes
     python benchmarks/score_matching.py --no-progress                  # the report (2 CPUs: ~30 min)
     python benchmarks/score_matching.py --device cuda --digits-steps 4000 --digits-widths 32,64,64 \\
         --shapes-resolution 32 --shapes-steps 3000 --shapes-widths 32,64,64     # scaled up on a GPU

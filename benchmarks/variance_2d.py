@@ -30,9 +30,8 @@ means "more likely" under the prior). Steps of all arms run interleaved, so thei
 measured side by side. Outputs in ``--out``: ``variance_2d.json``, ``variance_ratio.png``,
 ``prior_loss.png``, ``images.png`` (rows: arms; columns: snapshots).
 
-    python benchmarks/variance_2d.py --prior /work/artifacts/shapes-lcss-v2 \\
-        --depth-model /work/artifacts/depth-shapes-64 --out benchmarks/results/variance_2d
-    python benchmarks/variance_2d.py --quick --out /tmp/variance_2d   # tiny random models, seconds
+    python benchmarks/variance_2d.py --out benchmarks/results/variance_2d   # the shipped models
+    python benchmarks/variance_2d.py --quick --out runs/variance_2d-quick   # tiny random models, seconds
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from threestudio_ssd.shipped import repo_relative
 
 ARMS: dict[str, dict[str, Any]] = {
     "sds": {"estimator": "sds"},
@@ -97,8 +98,14 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prior", default=None, help="exported lcss-prior folder (shapes prior)")
-    p.add_argument("--depth-model", default=None, help="depth checkpoint folder (DPT trained on shapes)")
+    p.add_argument(
+        "--prior", default=None, help="exported lcss-prior folder (default: the shipped models/shapes-lcss-32)"
+    )
+    p.add_argument(
+        "--depth-model",
+        default=None,
+        help="depth checkpoint folder (default: the shipped models/depth-shapes-64)",
+    )
     p.add_argument("--caption", default="a red cube")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
@@ -129,8 +136,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:
         arms.insert(0, "sds")  # the reference of every ratio and time
     if a.quick:
         a.steps, a.eval_every, a.n_draws, a.n_loss_draws, a.t_bins, a.floor_bins = 4, 2, 8, 8, 2, 2
-    elif a.prior is None or a.depth_model is None:
-        p.error("--prior and --depth-model are required (or --quick for tiny random models)")
+    else:
+        from threestudio_ssd.shipped import DEPTH, PRIOR, shipped_model
+
+        a.prior = a.prior or str(shipped_model(PRIOR))
+        a.depth_model = a.depth_model or str(shipped_model(DEPTH))
     if min(a.steps, a.eval_every, a.t_bins, a.floor_bins) < 1 or a.n_draws < 2:
         p.error("--steps, --eval-every, --t-bins, --floor-bins must be >= 1 and --n-draws >= 2")
     values = {k: v for k, v in vars(a).items() if k != "out"}
@@ -155,7 +165,10 @@ def load_models(s: Settings, workdir: Path):
         prior_dir = prior_dir or make_tiny_prior(workdir / "prior", resolution=16)
         depth_dir = depth_dir or make_tiny_depth_estimator(workdir / "depth")
     score_model = LCSSPriorScoreModel(prior_dir)
-    return score_model, load_depth_estimator(depth_dir), str(prior_dir), str(depth_dir)
+    names = (repo_relative(prior_dir), repo_relative(depth_dir))
+    if s.quick:  # temporary folders: name what they held, not where
+        names = ("(tiny random prior, quick mode)", "(tiny random depth model, quick mode)")
+    return score_model, load_depth_estimator(depth_dir), *names
 
 
 def scene(s: Settings, resolution: tuple[int, int]):
@@ -340,7 +353,11 @@ def summarise(s: Settings, arms: dict[str, dict[str, Any]]) -> dict[str, dict[st
 
 def write_outputs(s, arms, out_dir: Path, true_rgb, prior_dir, depth_dir, final: bool) -> dict[str, Any]:
     result = {
-        "settings": asdict(s),
+        "settings": {
+            **asdict(s),
+            "prior": repo_relative(s.prior) if s.prior else None,
+            "depth_model": repo_relative(s.depth_model) if s.depth_model else None,
+        },
         "prior_dir": prior_dir,
         "depth_model_dir": depth_dir,
         "complete": final,

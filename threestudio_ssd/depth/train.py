@@ -22,7 +22,8 @@ disparity.
 
 Example (the run reported in docs/depth.md)::
 
-    ssd-train-depth --output /work/artifacts/depth-shapes-64 --steps 1500 --batch-size 16
+    ssd-train-depth --output runs/depth-shapes-64 --steps 400 --batch-size 8 --lr 1e-3 \\
+        --train-size 768 --eval-size 128 --num-threads 1 --cache-dir runs/shapes-cache
 """
 
 from __future__ import annotations
