@@ -55,8 +55,8 @@ def test_quick_run_produces_finite_outputs_for_every_arm(tmp_path):
 
 def test_bad_arguments_are_named(tmp_path):
     bench = load_script()
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--out", str(tmp_path)])  # no --prior / --depth-model without --quick
+    settings, _ = bench.parse_args(["--out", str(tmp_path)])  # default: the shipped models
+    assert settings.prior.endswith("models/shapes-lcss-32") and settings.depth_model.endswith("depth-shapes-64")
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--arms", "sds,ssd-typo", "--out", str(tmp_path)])
     settings, _ = bench.parse_args(["--quick", "--arms", "vsd", "--out", str(tmp_path)])

@@ -97,11 +97,9 @@ def test_summary_helpers():
 
 def test_bad_arguments_are_named(tmp_path):
     bench = load_script()
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--out", str(tmp_path)])  # no --prior without --quick
+    settings, _ = bench.parse_args(["--out", str(tmp_path)])  # default: the shipped models
+    assert settings.prior.endswith("models/shapes-lcss-32") and settings.depth_model.endswith("depth-shapes-64")
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--arms", "sds,ssd-typo", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--prior", "p", "--arms", "ssd", "--out", str(tmp_path)])  # ssd needs the DPT
     settings, _ = bench.parse_args(["--quick", "--arms", "vsd", "--out", str(tmp_path)])
     assert settings.arms == ["sds", "vsd"] and settings.seeds == [0]  # SDS is always there

@@ -14,7 +14,9 @@ from .conftest import REPO
 pytestmark = pytest.mark.integration
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-EXAMPLES = {"steindreamer-gaussian-splatting.example.yaml"}  # needs the threestudio-3dgs extension
+EXAMPLES = {  # example configs -> the names they need from an extension that cannot be installed here
+    "steindreamer-gaussian-splatting.example.yaml": ["gaussian-splatting", "diff-gaussian-rasterizer"],
+}
 SECTIONS = ("geometry", "material", "background", "renderer", "guidance", "prompt_processor")
 
 # values the configs leave to the user (``???``)
@@ -62,13 +64,17 @@ def test_config_parses_through_threestudio(threestudio_ts, path, tmp_path, monke
             if raw.system[f"{s}_type"] not in threestudio_ts.__modules__
         ]
         if foreign:
-            # our own sections still parse
+            # The 3DGS extension (CUDA-only, not on a package index) cannot be installed here, so
+            # its classes are absent: check that they are the ONLY absent names (nothing of ours
+            # or of threestudio's is misspelt) and that our own sections parse. The example is not
+            # run here; docs/threestudio.md says what of it is supported.
             from threestudio.utils.config import parse_structured
 
+            assert sorted(foreign) == sorted(EXAMPLES[path.name]), foreign
             parse_structured(threestudio_ts.find(raw.system.guidance_type).Config, raw.system.guidance)
-            pytest.skip(
-                f"{path.name} needs the threestudio-3dgs extension ({foreign} are not registered here)"
-            )
+            for section in ("system", "system.prompt_processor", "system.material", "system.background"):
+                assert OmegaConf.select(raw, f"{section}_type") in threestudio_ts.__modules__, section
+            return
     cfg, parsed = parse_all(threestudio_ts, path)
     if cfg.system_type == "steindreamer-system":
         assert cfg.system.stage in ("coarse", "geometry", "texture")

@@ -4,8 +4,6 @@ baseline sees the VAE decode of ``x_t``), with a tiny DPT as depth estimator."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -168,11 +166,11 @@ def test_prompt_processor_view_dependent_captions(threestudio_ts, tmp_path):
         "a red cube, overhead view",
         "a ball",
     ]
-    (tmp_path / "prior.json").write_text(
-        json.dumps({"format": "lcss-prior", "captions": captions, "null_class": 5})
-    )
+    from threestudio_ssd.testing import make_tiny_prior
+
+    prior = make_tiny_prior(tmp_path / "prior", captions=captions, resolution=8)
     pu = threestudio_ts.find("stein-prior-prompt-processor")(
-        {"prior_path": str(tmp_path), "prompt": "A Red  Cube"}
+        {"prior_path": str(prior), "prompt": "A Red  Cube"}
     )()
     elevation = torch.tensor([0.0, 0.0, 0.0, 80.0, 0.0])
     azimuth = torch.tensor([0.0, 90.0, 180.0, 0.0, -170.0])

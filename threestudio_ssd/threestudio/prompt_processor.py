@@ -40,6 +40,8 @@ def read_prior_captions(prior_path: str) -> tuple[list[str], int | None]:
     file."""
     from lcss_prior.export import read_prior_json
 
+    if not os.path.isdir(prior_path):
+        raise FileNotFoundError(f"prior_path={prior_path!r}: no such folder (expected an lcss_prior export)")
     meta = read_prior_json(prior_path)
     if not meta["captions"]:
         raise ValueError(
