@@ -362,6 +362,14 @@ def load_depth_estimator(
         )
     if output_kind is not None and output_kind not in OUTPUT_KINDS:
         raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as transformers_version
+
+    if model_type not in CONFIG_MAPPING:  # e.g. depth_anything before transformers 4.38
+        raise ValueError(
+            f"{str(folder)!r} is a {model_type!r} checkpoint, which this transformers "
+            f"{transformers_version} does not know; upgrade transformers (depth_anything needs >= 4.38)"
+        )
     preprocessing = _preprocessing_from_config(folder, model_type, config, input_size)
     model = AutoModelForDepthEstimation.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     estimator = DepthEstimator(
