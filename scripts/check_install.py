@@ -11,7 +11,7 @@ B. the same plus this repository (``-e .``), i.e. the user's next step;
 C. this repository alone.
 
 It prints what each would install and FAILS (exit 1) if B or C would install torch or torchvision
-(replace the user's) where A does not. Lines of ``requirements.txt`` that pip cannot resolve from a
+(replace the user's) where A does not, or if pip finds no set of versions that satisfies them. Lines of ``requirements.txt`` that pip cannot resolve from a
 package index (``git+https://...``: tiny-cuda-nn, nerfacc, nvdiffrast, envlight, CLIP, all built
 against the user's torch) are left out and listed. Not a test: it needs the package index.
 
@@ -52,9 +52,16 @@ def split_requirements(text: str) -> tuple[list[str], list[str]]:
     return keep, left_out
 
 
-def dry_run(pip: list[str], args: list[str], env: dict[str, str], report: Path, cwd: Path) -> dict[str, str]:
-    """``{name: version}`` that ``pip install --dry-run`` would install."""
-    run([*pip, "install", "--dry-run", "--quiet", "--report", str(report), *args], env, cwd=cwd)
+def dry_run(pip: list[str], args: list[str], env: dict[str, str], report: Path, cwd: Path) -> dict[str, str] | str:
+    """``{name: version}`` that ``pip install --dry-run`` would install, or pip's reason when the
+    requirements cannot be installed together."""
+    cmd = [*pip, "install", "--dry-run", "--quiet", "--report", str(report), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+        if any("ResolutionImpossible" in line for line in errors):
+            return " ".join(errors[:2])
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     data = json.loads(report.read_text())
     return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in data["install"]}
 
@@ -98,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = dry_run(pip, extra, env, scratch / f"{label[0]}.json", Path(args.project))
         failed = False
         for label, installs in results.items():
+            if isinstance(installs, str):
+                print(f"  {label}: CANNOT be installed: {installs}")
+                failed = True
+                continue
             touched = {n: installs[n] for n in WATCH if n in installs}
             print(f"  {label}: would install {len(installs)} packages; torch/torchvision: "
                   f"{touched or 'kept (' + ', '.join(f'{k} {v}' for k, v in have.items()) + ')'}")
         baseline = {n for n in WATCH if n in results["A threestudio"]}
         for label in ("B threestudio + threestudio-ssd", "C threestudio-ssd alone"):
+            if isinstance(results[label], str):
+                continue
             replaced = {n for n in WATCH if n in results[label]} - baseline
             if replaced:
                 failed = True
