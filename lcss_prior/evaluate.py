@@ -242,11 +242,36 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--method", default="pc", help=f"sampler: one of {sorted(SAMPLERS)}")
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and the metrics' draws")
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the data split (default: the one the prior was trained with, from prior.json; "
+        "another one is refused for the prior's own data set, whose test split would then overlap "
+        "its training images)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     return parser
+
+
+def data_seed_for(prior: Any, data: str, explicit: int | None) -> int:
+    """The seed of the data split to evaluate ``prior`` on. For the data set the prior was trained
+    on (``prior.json``'s ``training.data``), the training seed: the digits train/test split is a
+    seeded permutation, so another seed's "test" split is mostly training images. Another data
+    set: ``explicit``, else 0."""
+    training = (getattr(prior, "metadata", None) or {}).get("training") or {}
+    if training.get("data") == data and "seed" in training:
+        seed = int(training["seed"])
+        if explicit is not None and explicit != seed:
+            raise ValueError(
+                f"--data-seed {explicit} differs from the seed the prior was trained with ({seed}, "
+                f"prior.json): its {data!r} test split would overlap the training images; omit --data-seed"
+            )
+        return seed
+    return 0 if explicit is None else explicit
 
 
 def _dataset(name: str, prior: Any, split: str, seed: int) -> Any:
@@ -275,12 +300,13 @@ def _eval_command(args: argparse.Namespace) -> dict[str, Any]:
     if needs_features and args.features is None:
         raise ValueError(f"metrics {sorted(needs_features)} need --features PATH")
     prior = load_prior(args.prior, device=args.device)
-    dataset = _dataset(args.data, prior, args.split, args.seed)
+    data_seed = data_seed_for(prior, args.data, args.data_seed)
+    dataset = _dataset(args.data, prior, args.split, data_seed)
     extractor = None
     if args.features is not None:
         path = Path(args.features)
         if not path.exists() and args.train_features:
-            train_set = _dataset(args.data, prior, "train", args.seed)
+            train_set = _dataset(args.data, prior, "train", data_seed)
             train_feature_extractor(
                 train_set, args.train_features, path=path, eval_dataset=dataset, seed=args.seed
             )
@@ -303,6 +329,7 @@ def _eval_command(args: argparse.Namespace) -> dict[str, Any]:
         "prior": str(args.prior),
         "data": args.data,
         "split": args.split,
+        "data_seed": data_seed,
         "features": args.features,
         **report,
     }

@@ -442,6 +442,38 @@ def test_shapes_cache_in_memory_and_on_disk(tmp_path):
         ShapesDataset(cache=bad, **kwargs)
 
 
+def test_shapes_cache_writers_do_not_collide(tmp_path, monkeypatch):
+    """Two runs (or ranks) rendering into one cache file: each writes its own temporary file and
+    renames it atomically, so neither sees a partial file; a failed write leaves nothing behind."""
+    import lcss_prior.data.shapes as shapes
+
+    kwargs = dict(size=3, resolution=4, seed=1, supersample=1)
+    path = tmp_path / "shared.pt"
+    seen = []
+    real_save = torch.save
+
+    def save_then_race(obj, f, *a, **kw):
+        seen.append(str(f))
+        if len(seen) == 1:  # a second writer renders and renames while the first one is writing
+            ShapesDataset(cache=path, **kwargs)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(shapes.torch, "save", save_then_race)
+    ShapesDataset(cache=path, **kwargs)
+    assert len(seen) == 2 and seen[0] != seen[1] and all(".tmp" in n for n in seen)
+    monkeypatch.setattr(shapes.torch, "save", real_save)
+    ShapesDataset(cache=path, **kwargs)  # reads back a complete file
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.pt"]
+
+    def broken_save(obj, f, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shapes.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ShapesDataset(cache=tmp_path / "other.pt", **kwargs)
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.pt"]  # no stray temporary file
+
+
 def test_shapes_stacked_is_the_collated_items(tmp_path):
     kwargs = dict(size=330, resolution=4, seed=4, supersample=1)  # more than one chunk of 16 x 20
     ds = ShapesDataset(**kwargs)

@@ -395,3 +395,25 @@ def test_eval_cli_errors(digits_prior_dir, inception_weights, tmp_path, capsys, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lcss-prior eval: error: ") and re.search(message, err), err
+
+
+def test_eval_uses_the_split_the_prior_was_trained_with():
+    """The digits split is a seeded permutation: a prior trained with ``--seed 1`` scored on the
+    default seed-0 "test" split would be scored mostly on its own training images."""
+    from types import SimpleNamespace
+
+    from lcss_prior.data.digits import _split_indices
+    from lcss_prior.evaluate import data_seed_for
+
+    leak = np.intersect1d(_split_indices("train", 1), _split_indices("test", 0))
+    assert leak.size > 0.7 * _split_indices("test", 0).size  # the bug this guards against
+    assert np.intersect1d(_split_indices("train", 1), _split_indices("test", 1)).size == 0
+
+    prior = SimpleNamespace(metadata={"training": {"data": "digits", "seed": 1}})
+    assert data_seed_for(prior, "digits", None) == 1
+    assert data_seed_for(prior, "digits", 1) == 1
+    with pytest.raises(ValueError, match="--data-seed 0 differs.*trained with \\(1"):
+        data_seed_for(prior, "digits", 0)
+    assert data_seed_for(prior, "shapes", None) == 0  # another data set: the documented default
+    assert data_seed_for(prior, "shapes", 3) == 3
+    assert data_seed_for(SimpleNamespace(metadata={}), "digits", None) == 0

@@ -204,6 +204,22 @@ def test_lcss_loads_through_registry(prior_path):
         LCSSPriorScoreModel(3)
 
 
+@pytest.mark.parametrize("sde", ["vp", "subvp", "ve", "tanh"])
+def test_lcss_refuses_a_prior_whose_sde_is_not_affine(tmp_path, sde):
+    """Distillation noises renders as ``alpha x0 + sigma eps``: only an affine SDE has that marginal.
+    A ``tanh`` prior exports and loads fine, but the score model must refuse it."""
+    from lcss_prior.export import load_prior
+
+    folder = make_tiny_prior(tmp_path / sde, sde=sde)
+    prior = load_prior(folder)
+    assert prior.sde.is_affine == (sde != "tanh")
+    if sde == "tanh":
+        with pytest.raises(ValueError, match="'tanh' is not affine.*--sde vp"):
+            LCSSPriorScoreModel(folder)
+    else:
+        assert LCSSPriorScoreModel(folder).resolution == (8, 8)
+
+
 def test_lcss_encode_decode(lcss):
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
     x0 = lcss.encode(rgb)

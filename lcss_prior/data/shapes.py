@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -556,10 +558,18 @@ class ShapesDataset(Dataset):
         stacked = {key: rendered[key] for key in self._stored_keys()}
         stacked["image"] = torch.round((stacked["image"] + 1) * 127.5).to(torch.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         blob = {"format": _CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True), "items": stacked}
-        torch.save(blob, tmp)
-        tmp.replace(path)
+        # a temporary name of our own (two runs or ranks sharing a cache must not write one file),
+        # then an atomic rename: readers see no file or a complete one; the renders are
+        # deterministic, so when two writers race the second rename replaces identical content
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return stacked
 
     def _geometry_keys(self) -> tuple[str, ...]:

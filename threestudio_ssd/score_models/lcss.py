@@ -40,6 +40,15 @@ class LCSSPriorScoreModel(ScoreModel):
             prior = load_prior(prior, device=device, dtype=dtype)
         else:
             raise TypeError(f"prior must be a prior folder path or a Prior, got {type(prior).__name__}")
+        if not prior.sde.is_affine:
+            # score distillation noises a render as x_t = alpha(t) x0 + sigma(t) eps; for a
+            # non-affine SDE that is not the marginal the network was trained on, so eps_hat would
+            # not be E[eps | x_t] and SDS/SSD/VSD would distil something else without a word
+            raise ValueError(
+                f"the prior's forward SDE {prior.sde.name!r} is not affine: x_t = alpha x0 + sigma eps "
+                "is not its marginal, so it cannot be distilled; train the prior with --sde vp, "
+                "subvp or ve"
+            )
         self.prior = prior.requires_grad_(False)
         self.channels = int(prior.channels)
         self.resolution = (int(prior.resolution), int(prior.resolution))
