@@ -228,6 +228,9 @@ def export_prior(
                 raise FileExistsError(f"{out_dir} already holds a prior; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the exported prior is a folder to share
     try:
         unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
         (tmp / PRIOR_JSON).write_text(text + "\n", encoding="utf-8")

@@ -189,10 +189,11 @@ class TrainConfig:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ConfigError(f"--p-uncond must be in [0, 1), got {self.p_uncond!r}")
-        if self.data not in ("digits", "shapes") and (
-            self.data_size is not None or self.data_cache is not None
-        ):
-            raise ConfigError("--data-size and --data-cache apply to --data shapes only")
+        if self.data != "shapes" and (self.data_size is not None or self.data_cache is not None):
+            raise ConfigError(
+                f"--data-size and --data-cache apply to --data shapes only (not {self.data!r}: they would "
+                "be ignored)"
+            )
         if self.data_size is not None and self.data_size < 1:
             raise ConfigError(f"--data-size must be > 0, got {self.data_size!r}")
         if int(self.steps) != self.steps:

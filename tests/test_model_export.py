@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,6 +265,15 @@ def test_bare_unet_export_means_unscaled_input(tmp_path, sde):
     x, t, labels = inputs()
     with torch.no_grad():
         assert torch.equal(prior.eps(x, t, labels), unet(x, 999.0 * t, class_labels=labels).sample)
+
+
+def test_exported_folder_is_readable_by_others(exported):
+    """``tempfile.mkdtemp`` creates 0700 folders; the exported prior follows the umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(exported[1])
+    for path in (folder, *[p for p in folder.rglob("*") if p.is_dir()]):
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o777 & ~umask, path
 
 
 def test_load_in_float64(exported):

@@ -242,6 +242,7 @@ def corrupt_image_folder(root: Path) -> Path:
         (["--ema", "1.5"], "--ema must be in [0, 1)"),
         (["--sde", "nope"], "unknown SDE name"),
         (["--sde", "tanh", "--method", "dsm"], "not affine"),
+        (["--data-size", "500"], "apply to --data shapes only"),  # digits would ignore it
         (["--data", "/no/such/folder"], "neither 'digits', 'shapes' nor an existing image folder"),
         (["--data", "CORRUPT"], "bad.png"),
         ([], "already holds a run"),
