@@ -74,6 +74,22 @@ def test_lcss_prior_step_losses_gradients_and_state(threestudio_ts, models):
     assert keys and all(k.startswith("distillation.mu") or k.endswith("_extra_state") for k in keys), keys
 
 
+def test_perp_neg_and_guidance_eval_are_refused_by_name(threestudio_ts, models):
+    """threestudio systems may ask for Perp-Neg (prompt processor) or guidance_eval images; this
+    guidance implements neither and says so instead of ignoring the request."""
+    from dataclasses import replace
+
+    guidance = lcss_guidance(threestudio_ts, models, estimator="sds", depth_estimator_path=None, baselines=["constant"])
+    pu = prior_prompt(threestudio_ts, models)
+    rgb = torch.rand(1, 16, 16, 3)
+    with pytest.raises(NotImplementedError, match="freq.guidance_eval: 0"):
+        guidance(rgb, pu, **CAMERA, guidance_eval=True)
+    sd = sd_prompt_utils()
+    with pytest.raises(NotImplementedError, match="use_perp_neg: false"):
+        guidance(rgb, replace(sd, use_perp_neg=True), **CAMERA)
+    assert "loss_ssd" in guidance(rgb, pu, **CAMERA, guidance_eval=False)
+
+
 def test_schedules_follow_C(threestudio_ts, models):
     guidance = lcss_guidance(
         threestudio_ts,

@@ -230,6 +230,21 @@ class SteinScoreDistillationGuidance(BaseModule):
         except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
             raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err
 
+    @staticmethod
+    def _check_unsupported(prompt_utils: Any, kwargs: dict[str, Any]) -> None:
+        """threestudio features a caller may ask for that this guidance does not implement: refused
+        by name rather than silently ignored."""
+        if getattr(prompt_utils, "use_perp_neg", False):
+            raise NotImplementedError(
+                "stein-score-distillation-guidance does not implement Perp-Neg: set "
+                "system.prompt_processor.use_perp_neg: false"
+            )
+        if kwargs.get("guidance_eval"):
+            raise NotImplementedError(
+                "stein-score-distillation-guidance does not return guidance_eval images: set the "
+                "system's freq.guidance_eval: 0"
+            )
+
     def _check_camera(self, c2w: torch.Tensor | None) -> None:
         if self.cfg.estimator == "vsd" and c2w is None:
             raise ValueError(
@@ -349,6 +364,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         ``mu``), ``loss_vsd_particle`` (VSD: the particle model's denoising loss), ``min_step`` /
         ``max_step`` (the ``t`` range as fractions) and the estimator's statistics (``grad_norm``,
         ``phi_mean/<baseline>``, ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
+        self._check_unsupported(prompt_utils, kwargs)
         x = rgb.permute(0, 3, 1, 2)
         if not rgb_as_latents:
             self.check_render_resolution(x.shape[2], x.shape[3])
