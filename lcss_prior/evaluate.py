@@ -79,7 +79,8 @@ class _Context:
 
     @property
     def real(self) -> tuple[Tensor, Tensor]:
-        return self._once("real", lambda: stack_dataset(self.dataset, self.settings["n_samples"], False))
+        n, seed = self.settings["n_samples"], self.settings["seed"]
+        return self._once("real", lambda: stack_dataset(self.dataset, n, False, seed=seed))
 
     def features(self, which: str) -> Tensor:
         if self.extractor is None:

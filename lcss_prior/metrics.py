@@ -351,16 +351,40 @@ class FeatureClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+def balanced_indices(labels: Int[Tensor, " N"], n: int, seed: int = 0) -> list[int]:
+    """``n`` of ``range(len(labels))`` chosen so that every label is represented as equally as
+    possible (round robin over the labels, each label's items in a seeded random order); sorted.
+    A data set stored class by class then gives all classes, not the first one or two."""
+    labels = torch.as_tensor(labels).long()
+    g = torch.Generator().manual_seed(int(seed))
+    queues = [idx[torch.randperm(len(idx), generator=g)].tolist() for idx in
+              (torch.nonzero(labels == k).flatten() for k in labels.unique())]
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return sorted(chosen)
+
+
 def stack_dataset(
-    dataset: Any, max_items: int | None = None, progress: bool = False
+    dataset: Any, max_items: int | None = None, progress: bool = False, seed: int = 0
 ) -> tuple[Float[Tensor, "N C H W"], Int[Tensor, " N"]]:
-    """The first ``max_items`` (default all) items of a data set of ``{"image", "label"}`` dicts as
-    one image tensor and one label tensor."""
-    n = len(dataset) if max_items is None else min(len(dataset), int(max_items))
-    if n == 0:
+    """Items of a data set of ``{"image", "label"}`` dicts as one image tensor and one label tensor:
+    all of them, or ``max_items`` chosen class-balanced with ``seed`` (:func:`balanced_indices`,
+    from the data set's ``labels`` attribute when it has one, else from every item's label)."""
+    size = len(dataset)
+    if size == 0:
         raise ValueError("the data set is empty")
+    if max_items is None or int(max_items) >= size:
+        indices = list(range(size))
+    else:
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            labels = [int(dataset[i]["label"]) for i in range(size)]
+        indices = balanced_indices(torch.as_tensor(labels), int(max_items), seed)
     images, labels = [], []
-    for i in tqdm(range(n), desc="loading data", disable=not progress, leave=False):
+    for i in tqdm(indices, desc="loading data", disable=not progress, leave=False):
         item = dataset[i]
         if not isinstance(item, dict) or "image" not in item or "label" not in item:
             raise KeyError(f"data set items must be dicts with 'image' and 'label'; item {i} is not")
@@ -408,7 +432,7 @@ def train_feature_extractor(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     generator = torch.Generator().manual_seed(int(seed))
-    images, labels = stack_dataset(dataset, max_items, progress)
+    images, labels = stack_dataset(dataset, max_items, progress, seed=seed)
     captions = list(getattr(dataset, "captions", []) or [])
     num_classes = max(len(captions), int(labels.max()) + 1)
     channels = int(getattr(dataset, "channels", images.shape[1]))

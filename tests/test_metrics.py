@@ -417,3 +417,27 @@ def test_eval_uses_the_split_the_prior_was_trained_with():
     assert data_seed_for(prior, "shapes", None) == 0  # another data set: the documented default
     assert data_seed_for(prior, "shapes", 3) == 3
     assert data_seed_for(SimpleNamespace(metadata={}), "digits", None) == 0
+
+
+def test_real_images_are_a_seeded_class_balanced_subset():
+    """A folder stored class by class: the first N items would all be class 0."""
+    from lcss_prior.metrics import balanced_indices, stack_dataset
+
+    class ByClass:
+        labels = torch.arange(3).repeat_interleave(100)  # 100 of class 0, then 1, then 2
+
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            return {"image": torch.full((1, 2, 2), float(i)), "label": int(self.labels[i])}
+
+    images, labels = stack_dataset(ByClass(), 30, seed=0)
+    assert torch.bincount(labels).tolist() == [10, 10, 10]
+    again, _ = stack_dataset(ByClass(), 30, seed=0)
+    other, _ = stack_dataset(ByClass(), 30, seed=1)
+    assert torch.equal(images, again) and not torch.equal(images, other)
+    assert len(set(images.flatten().tolist())) == 30  # no item twice
+    assert stack_dataset(ByClass(), None)[1].tolist() == ByClass.labels.tolist()  # all, in order
+    uneven = balanced_indices(torch.tensor([0] * 50 + [1] * 2), 10)
+    assert sorted(torch.tensor([0] * 50 + [1] * 2)[uneven].tolist()) == [0] * 8 + [1] * 2

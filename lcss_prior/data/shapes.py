@@ -602,13 +602,18 @@ class ShapesDataset(Dataset):
             return self._render_stacked(desc="rendering shapes", progress=progress)
         out = {key: self._stored[key] for key in self._stored_keys()}
         out["image"] = _from_levels(out["image"])
-        out["label"] = torch.arange(self.size) % len(self.captions)
+        out["label"] = self.labels
         return out
 
     # -- items ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every item's caption id (``index % len(captions)``), without rendering anything."""
+        return torch.arange(self.size) % len(self.captions)
 
     def camera(self, index: int) -> dict[str, Tensor]:
         """The camera of item ``index``: ``c2w``, ``elevation``, ``azimuth``, ``distance``, ``fovy``."""
