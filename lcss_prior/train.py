@@ -607,6 +607,37 @@ def make_trainer(cfg: TrainConfig, callbacks: list[pl.Callback] | None = None) -
     )
 
 
+def check_network(module: PriorTrainingModule, cfg: TrainConfig) -> None:
+    """One forward pass of a zero image through the network before anything is written: a UNet
+    that cannot take the data's resolution (``--resolution 30`` with three down-sampling levels)
+    is a ``ConfigError`` naming the flags, not a traceback at the first step."""
+    info = module.data_info
+    x = torch.zeros(1, info["channels"], info["resolution"], info["resolution"])
+    try:
+        with torch.no_grad():
+            module.net(x, torch.full((1,), 0.5))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"the network does not fit the data: --resolution {info['resolution']} with --preset "
+            f"{cfg.preset!r} / --block-out-channels {cfg.block_out_channels!r} failed on a test image "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); the resolution must be divisible by 2 "
+            "for every down-sampling level"
+        ) from e
+
+
+def checked_trainer(cfg: TrainConfig) -> pl.Trainer:
+    """``make_trainer``, with Lightning's errors about the distribution flags as one ``ConfigError``
+    naming them (raised before the run folder is written)."""
+    try:
+        return make_trainer(cfg)
+    except Exception as e:  # noqa: BLE001 - Lightning raises several types for unusable flags
+        flags = (
+            f"--accelerator {cfg.accelerator!r} --devices {cfg.devices!r} --num-nodes {cfg.num_nodes!r} "
+            f"--strategy {cfg.strategy!r} --precision {cfg.precision!r}"
+        )
+        raise ConfigError(f"Lightning cannot run with {flags}: {str(e).splitlines()[0]}") from e
+
+
 def prepare_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path | None]:
     """Check the output folder against ``resume`` and, when resuming, merge the checkpoint's
     settings. Never deletes or overwrites anything; every problem is a ``ConfigError``."""
@@ -664,12 +695,16 @@ def train(cfg: TrainConfig, resume: str | None = None, dataset: Any = None) -> P
         _, saved_info = read_checkpoint_config(ckpt_path)
         if saved_info["captions"] != info["captions"] or saved_info["channels"] != info["channels"]:
             raise ConfigError(f"the data set no longer matches the one {ckpt_path} was trained on")
-    module = PriorTrainingModule(dataclasses.asdict(cfg), info)
+    try:
+        module = PriorTrainingModule(dataclasses.asdict(cfg), info)
+    except ValueError as e:  # build_unet's checks (levels against the resolution, widths, groups)
+        raise ConfigError(f"the network does not fit the data: {e}") from e
     module.dataset = dataset
+    check_network(module, cfg)
+    trainer = checked_trainer(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
-    trainer = make_trainer(cfg)
     start = time.perf_counter()
     trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
     if trainer.global_step < cfg.steps:

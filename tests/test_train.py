@@ -267,6 +267,24 @@ def test_bad_settings_fail_fast_and_keep_checkpoints(runs, tmp_path, capsys, ext
     assert files_below(out) == before  # byte-identical: nothing written, nothing removed
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--block-out-channels", "8,8,8,8,8"], "network does not fit the data: resolution 8"),
+        (["--accelerator", "tpu"], "Lightning cannot run with --accelerator 'tpu'"),
+        (["--precision", "13-mixed"], "--precision '13-mixed'"),
+    ],
+)
+def test_network_and_lightning_flags_are_checked_before_anything_is_written(tmp_path, capsys, extra, message):
+    out = tmp_path / "new-run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--out", str(out), "--no-progress", *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # no config.json, no folder
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", *TINY, "--out", str(tmp_path / "empty"), "--resume"])
