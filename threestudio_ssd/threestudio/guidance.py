@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from threestudio.models.prompt_processors.base import PromptProcessorOutput
 from threestudio.utils.base import BaseModule
-from threestudio.utils.misc import C
+from threestudio.utils.misc import C, get_rank
 
 from threestudio_ssd.baselines import RenderOutputs, build_baseline, registered_baselines
 from threestudio_ssd.distillation import (
@@ -101,7 +101,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         weighting_strategy: str = "sds"  # sds (w = 1 - alpha_bar) | uniform
         grad_clip: Any | None = None  # element-wise clip of the gradient, schedulable
         view_dependent_prompting: bool = True
-        seed: int = 0  # noise generator (t, eps); its state is checkpointed
+        seed: int = 0  # noise generator (t, eps), seeded seed + rank; its state is checkpointed per rank
         # VSD only (threestudio_ssd.vsd.ParticleScoreModel): camera guidance of the particle model
         # (1: camera-conditioned only), share of its training samples with the null camera, LoRA
         # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise (checkpointed)
@@ -115,11 +115,14 @@ class SteinScoreDistillationGuidance(BaseModule):
 
     def configure(self) -> None:
         cfg = self.cfg
+        # threestudio's convention (launch.py seeds seed + rank): each data-parallel process draws its
+        # own (t, eps), else averaging the ranks' gradients would remove no noise
+        self.rank = get_rank()
         self._validate()
         self.distillation = ScoreDistillation(
             self._build_score_model(), self._build_baselines(), self._distillation_config()
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+        self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed) + self.rank)
         self.min_t = float(C(cfg.min_step_percent, 0, 0))
         self.max_t = float(C(cfg.max_step_percent, 0, 0))
 
@@ -225,7 +228,7 @@ class SteinScoreDistillationGuidance(BaseModule):
                 vsd_camera_dropout=float(cfg.vsd_camera_dropout),
                 vsd_lora_rank=cfg.vsd_lora_rank,
                 vsd_camera_hidden_dim=int(cfg.vsd_camera_hidden_dim),
-                vsd_seed=int(cfg.vsd_seed),
+                vsd_seed=int(cfg.vsd_seed) + self.rank,
             )
         except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
             raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err

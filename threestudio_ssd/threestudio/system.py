@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,44 @@ from threestudio_ssd.threestudio.registry import register
 STAGES = ("coarse", "geometry", "texture")
 #: the monitor's generator at step ``k`` is seeded ``seed * MONITOR_SEED_STRIDE + k``
 MONITOR_SEED_STRIDE = 1_000_003
+#: checkpoint key of every data-parallel rank's guidance extra state (noise generators), rank order
+PER_RANK_KEY = "guidance_extra_state_per_rank"
+GUIDANCE_STATE_KEY = "guidance._extra_state"
+
+
+def gather_per_rank(state: Any) -> list[Any] | None:
+    """Every rank's ``state`` (``all_gather_object``), or None outside a multi-process run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def select_rank_state(checkpoint: dict[str, Any], rank: int) -> None:
+    """Put ``rank``'s guidance extra state (:data:`PER_RANK_KEY`) where Lightning will load it from.
+    Without one for this rank (a single-process checkpoint resumed by more processes, or more ranks
+    than saved), rank 0 keeps the saved state and any other rank drops the saved noise generators
+    with a warning: it starts its stream afresh from ``seed + rank`` instead of repeating rank 0's."""
+    state_dict = checkpoint.get("state_dict", {})
+    if GUIDANCE_STATE_KEY not in state_dict:
+        return
+    per_rank = checkpoint.get(PER_RANK_KEY)
+    if per_rank is not None and rank < len(per_rank):
+        state_dict[GUIDANCE_STATE_KEY] = per_rank[rank]
+    elif rank != 0:
+        warnings.warn(
+            f"checkpoint has no guidance noise state for rank {rank} (saved by "
+            f"{len(per_rank) if per_rank else 1} process(es)); this rank's (t, eps) stream restarts from "
+            "guidance.seed + rank, so the resumed run differs from an uninterrupted one",
+            stacklevel=2,
+        )
+        saved = dict(state_dict[GUIDANCE_STATE_KEY] or {})
+        saved.pop("generator", None)
+        saved.pop("distillation", None)
+        state_dict[GUIDANCE_STATE_KEY] = saved
 
 
 @dataclass
@@ -207,9 +246,16 @@ class SteinDreamer(BaseLift3DSystem):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["variance_monitor"] = list(self.variance_history)
+        # Lightning dumps the checkpoint on every process and writes rank 0's: gather every rank's
+        # noise state so that each resumes its own stream (collective: every rank is here)
+        per_rank = gather_per_rank(self.guidance.get_extra_state())
+        if per_rank is not None:
+            checkpoint[PER_RANK_KEY] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.variance_history = list(checkpoint.get("variance_monitor", []))
+        # runs before Lightning loads the state dict, so this rank's entry replaces rank 0's
+        select_rank_state(checkpoint, self.guidance.rank)
 
     def on_train_end(self) -> None:
         if self.variance_history:
