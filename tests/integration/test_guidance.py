@@ -90,6 +90,36 @@ def test_perp_neg_and_guidance_eval_are_refused_by_name(threestudio_ts, models):
     assert "loss_ssd" in guidance(rgb, pu, **CAMERA, guidance_eval=False)
 
 
+@pytest.mark.parametrize("score_model", ["lcss-prior", "stable-diffusion"])
+def test_autocast_does_not_change_the_step(threestudio_ts, models, score_model):
+    """Under ``trainer.precision: 16-mixed`` the system's forward runs in autocast; the guidance
+    turns it off, so the loss and the gradient equal those of the full-precision step (CPU bf16
+    here; without the guard the depth network and the prior run in bf16 and differ by ~1e-2)."""
+    if score_model == "lcss-prior":
+        pu, size, extra = prior_prompt(threestudio_ts, models), 16, {}
+    else:
+        pu, size = sd_prompt_utils(), 32
+        extra = {"score_model": "stable-diffusion", "pretrained_model_name_or_path": str(models["sd"]), "prior_path": None}
+    results = []
+    for autocast in (False, True):
+        guidance = lcss_guidance(threestudio_ts, models, seed=3, **extra)
+        rgb = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = guidance(rgb, pu, **CAMERA, **sphere_render(size, size))
+        out["loss_ssd"].backward()
+        results.append((out["loss_ssd"].detach(), rgb.grad.clone()))
+    (loss, grad), (loss_ac, grad_ac) = results
+    torch.testing.assert_close(loss_ac, loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_ac, grad, rtol=1e-4, atol=1e-7)
+    # a half-precision render (autocast's output) is accepted and cast, its graph kept
+    guidance = lcss_guidance(threestudio_ts, models, seed=3, **extra)
+    rgb16 = torch.rand(1, size, size, 3).to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = guidance(rgb16, pu, **CAMERA, **sphere_render(size, size))
+    out["loss_ssd"].backward()
+    assert out["loss_ssd"].dtype == torch.float32 and torch.isfinite(rgb16.grad.float()).all()
+
+
 def test_schedules_follow_C(threestudio_ts, models):
     guidance = lcss_guidance(
         threestudio_ts,

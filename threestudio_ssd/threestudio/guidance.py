@@ -368,21 +368,22 @@ class SteinScoreDistillationGuidance(BaseModule):
         ``max_step`` (the ``t`` range as fractions) and the estimator's statistics (``grad_norm``,
         ``phi_mean/<baseline>``, ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
         self._check_unsupported(prompt_utils, kwargs)
-        x = rgb.permute(0, 3, 1, 2)
+        x = rgb.permute(0, 3, 1, 2).float()  # an autocast render may be fp16/bf16; the cast keeps its graph
         if not rgb_as_latents:
             self.check_render_resolution(x.shape[2], x.shape[3])
         self._check_camera(c2w)
         cond = self.condition(prompt_utils, elevation, azimuth, camera_distances)
         render = self._render_outputs(depth, opacity, comp_normal, c2w, kwargs.get("fovy"))
-        out = self.distillation(
-            x,
-            cond,
-            render,
-            t_range=(self.min_t, self.max_t),
-            generator=self.generator,
-            rgb_as_latents=rgb_as_latents,
-            c2w=c2w if self.cfg.estimator == "vsd" else None,
-        )
+        with self._no_autocast():
+            out = self.distillation(
+                x,
+                cond,
+                render,
+                t_range=(self.min_t, self.max_t),
+                generator=self.generator,
+                rgb_as_latents=rgb_as_latents,
+                c2w=c2w if self.cfg.estimator == "vsd" else None,
+            )
         result: dict[str, Any] = {"loss_ssd": out.loss, "min_step": self.min_t, "max_step": self.max_t}
         result.update(out.stats)
         if out.loss_mu is not None:
@@ -418,22 +419,29 @@ class SteinScoreDistillationGuidance(BaseModule):
         or particle model (not updated). ``Var = E||g - E g||^2`` (trace of the covariance)."""
         first = _first_view
         self._check_camera(c2w)
-        x = rgb[:1].detach().permute(0, 3, 1, 2)
+        x = rgb[:1].detach().permute(0, 3, 1, 2).float()
         cond = self.condition(prompt_utils, elevation[:1], azimuth[:1], camera_distances[:1])
         render = self._render_outputs(
             first(depth), first(opacity), first(comp_normal), first(c2w), first(kwargs.get("fovy"))
         )
-        return self.distillation.estimate_variance(
-            x,
-            cond,
-            render,
-            n_draws=n_draws,
-            generator=generator,
-            t_range=(self.min_t, self.max_t),
-            batch_size=batch_size,
-            rgb_as_latents=rgb_as_latents,
-            c2w=first(c2w) if self.cfg.estimator == "vsd" else None,
-        )
+        with self._no_autocast():
+            return self.distillation.estimate_variance(
+                x,
+                cond,
+                render,
+                n_draws=n_draws,
+                generator=generator,
+                t_range=(self.min_t, self.max_t),
+                batch_size=batch_size,
+                rgb_as_latents=rgb_as_latents,
+                c2w=first(c2w) if self.cfg.estimator == "vsd" else None,
+            )
+
+    def _no_autocast(self):
+        """The step runs in the models' own dtypes whatever the trainer's precision: under
+        ``16-mixed`` autocast would run the prior/VAE/depth network and ``grad phi`` in half
+        precision (threestudio's guidances disable it the same way)."""
+        return torch.autocast(device_type=torch.device(self.device).type, enabled=False)
 
     def _render_outputs(self, depth, opacity, comp_normal, c2w, fovy) -> RenderOutputs | None:
         if not self.distillation.baselines:
@@ -443,5 +451,8 @@ class SteinScoreDistillationGuidance(BaseModule):
                 f"guidance.baselines {list(self.cfg.baselines)} need the rendered depth and opacity, but the "
                 "renderer gave none (nvdiff-rasterizer renders no depth: use baselines [constant] in mesh stages)"
             )
-        out = {"depth": depth, "opacity": opacity, "comp_normal": comp_normal}
+        out = {
+            key: None if value is None else value.float()
+            for key, value in (("depth", depth), ("opacity", opacity), ("comp_normal", comp_normal))
+        }
         return RenderOutputs.from_threestudio(out, {"c2w": c2w, "fovy": fovy})
