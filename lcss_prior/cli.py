@@ -205,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except (ConfigError, PriorFormatError, FileExistsError) as e:
         parser.exit(2, f"{PROG} {args.command}: error: {e}\n")
+    except FloatingPointError as e:  # a diverged run: the checkpoints are intact, the message says how to go on
+        parser.exit(1, f"{PROG} {args.command}: error: {e}\n")
     return 0
 
 

@@ -321,6 +321,12 @@ class StepCheckpoint(pl.Callback):
         step = trainer.global_step
         if step % self.every_n_steps != 0 and step < (trainer.max_steps or math.inf):
             return
+        bad = [name for name, p in pl_module.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+        if bad:  # never replace a good checkpoint with a broken one
+            raise FloatingPointError(
+                f"non-finite weights at step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                f"not saved: {self.dirpath / 'last.ckpt'} still holds the last good step"
+            )
         if self.keep_best and self._losses:
             mean = float(np.mean(self._losses))
             self._losses = []
@@ -430,6 +436,14 @@ class PriorTrainingModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        if not torch.isfinite(norm):
+            # before clipping and the step: the weights and the EMA are still those of the last step
+            # (under DDP the gradients are already averaged, so every rank stops here together)
+            raise FloatingPointError(
+                f"non-finite gradients at step {self.global_step} (the loss was finite); the weights were "
+                f"not updated and the checkpoints in {checkpoint_dir(self.cfg.out_dir)} are intact: resume "
+                "with --resume, with a lower --lr or a --grad-clip"
+            )
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def optimizer_step(

@@ -330,3 +330,50 @@ def test_warmup_schedule():
     info = {"captions": ["a", "b"], "channels": 1, "resolution": 8, "n_levels": 17}
     module = PriorTrainingModule(cfg.__dict__, info)
     assert [module.lr_at(k) for k in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_non_finite_gradients_stop_the_run_and_keep_the_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """A finite loss with NaN gradients at step 3 (after the step-2 checkpoint): the run stops
+    before the optimiser step, names the step, and last.ckpt is still step 2's, all finite."""
+    from lcss_prior.train import PriorTrainingModule
+
+    original = PriorTrainingModule.on_before_optimizer_step
+
+    def poisoned(self, optimizer):
+        if self.global_step == 3:
+            next(p for p in self.net.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return original(self, optimizer)
+
+    monkeypatch.setattr(PriorTrainingModule, "on_before_optimizer_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--steps", "4", "--out", str(out)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite gradients at step 3" in err and "--resume" in err
+    ckpt = state_dict(out / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not list((out / "checkpoints").glob(".*tmp*"))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
+    """Weights that became non-finite without a NaN gradient (here: poisoned after step 3's update)
+    are caught before the step-4 save; last.ckpt stays step 2's."""
+    from lcss_prior.train import PriorTrainingModule
+
+    original = PriorTrainingModule.optimizer_step
+
+    def poisoned(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.trainer.global_step == 3:
+            with torch.no_grad():
+                next(self.ema_net.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(PriorTrainingModule, "optimizer_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--steps", "4", "--out", str(out)])
+    assert info.value.code == 1
+    assert "non-finite weights at step 4" in capsys.readouterr().err
+    assert state_dict(out / "checkpoints" / "last.ckpt")["global_step"] == 2
