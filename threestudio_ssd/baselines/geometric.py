@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -96,33 +97,51 @@ class DepthBaseline(_EstimatorBaseline):
 
 @register_baseline("normal")
 class NormalBaseline(_EstimatorBaseline):
-    """``phi = 1 - mean_mask cos(n_est, R^T n_render)`` in camera space; ``phi`` in ``[0, 2]``.
+    """``phi = 1 - sum_p w_p c_p cos(n_est, R^T n_render) / sum_p w_p`` in camera space; ``phi`` in ``[0, 2]``.
 
-    ``n_est`` comes from the estimated depth by finite differences with the camera's ``fovy``.
-    A relative-inverse-depth estimate is first aligned to the rendered disparity (least-squares
-    scale and shift over the mask; normals need depth up to scale only, but disparity's unknown
-    shift bends surfaces), then inverted; a metric estimate is used as is. Needs
-    ``render.normal``, ``render.c2w`` and ``render.fovy_deg``. Invalid (``phi = 1``) with fewer than
-    ``min_pixels`` pixels where both normals are defined.
+    ``n_est`` comes from the estimated depth by finite differences with the camera's ``fovy``. A
+    relative-inverse-depth estimate is first aligned to the rendered disparity (least-squares scale
+    ``>= 0`` and shift over the mask; normals need depth up to scale only, but disparity's unknown
+    shift bends surfaces), then inverted; a metric estimate is used as is.
+
+    ``phi`` is a continuous function of the image, as Stein's identity needs (a jump in ``phi``
+    is a term ``grad phi`` never sees): the pixel set ``w_p`` (object pixels whose 4-neighbours are
+    on the object and have a rendered normal) comes from the render alone, and where the estimate
+    collapses (aligned disparity or metric depth near or below 0, common for noisy images at large
+    ``t``) a pixel fades out continuously, ``c_p = prod_{p and its 4 neighbours} clamp(d / floor, 0,
+    1)`` with ``floor`` 5% of the mean rendered disparity (depth), and the depth is inverted as
+    ``1 / max(d, floor)``. Needs ``render.normal``, ``render.c2w`` and ``render.fovy_deg``. Invalid
+    (``phi = 1``) with fewer than ``min_pixels`` such pixels, which depends on the render only.
     """
+
+    FLOOR_FRACTION = 0.05
 
     def evaluate(self, image: Float[Tensor, "B 3 H W"], render: RenderOutputs) -> BaselineOutput:
         missing = [k for k in ("normal", "c2w", "fovy_deg") if getattr(render, k) is None]
         if missing:
             raise ValueError(f"Baseline 'normal' needs RenderOutputs fields {missing}, which are None")
         mask = self.mask(render)
+        _, on_object = depth_to_normals(render.depth, render.fovy_deg, mask)  # from the render only
+        w = (on_object & (render.normal.norm(dim=-1) > 0.5)).to(image.dtype)
         est = self.estimator(image)
+        m = mask.to(est.dtype)
+        count = m.sum((1, 2)).clamp_min(1.0)
         if self.estimator.output_kind == "relative_inverse_depth":
-            aligned = scale_shift_align(est, depth_to_disparity(render.depth), mask & (render.depth > 0))
-            est_depth = depth_to_disparity(aligned)  # 1 / disparity where positive, else 0 (excluded)
+            target = depth_to_disparity(render.depth)
+            aligned = scale_shift_align(est, target, mask & (render.depth > 0))
+            floor = self.FLOOR_FRACTION * ((target * m).sum((1, 2)) / count).clamp_min(1e-6)[:, None, None]
+            confidence = (aligned / floor).clamp(0.0, 1.0)
+            est_depth = 1.0 / torch.maximum(aligned, floor)
         else:
-            est_depth = est
-        n_est, ok = depth_to_normals(est_depth, render.fovy_deg, mask)
+            floor = self.FLOOR_FRACTION * ((render.depth * m).sum((1, 2)) / count).clamp_min(1e-6)[:, None, None]
+            confidence = (est / floor).clamp(0.0, 1.0)
+            est_depth = torch.maximum(est, floor)
+        c = F.pad(confidence, (1, 1, 1, 1))  # a finite difference uses the 4 neighbours too
+        confidence = c[:, 1:-1, 1:-1] * c[:, :-2, 1:-1] * c[:, 2:, 1:-1] * c[:, 1:-1, :-2] * c[:, 1:-1, 2:]
+        n_est, _ = depth_to_normals(est_depth, render.fovy_deg)
         n_ren = world_to_camera_normals(render.normal, render.c2w)
-        ok = ok & (render.normal.norm(dim=-1) > 0.5)
         cos = (n_est * n_ren).sum(-1)
-        w = ok.to(cos.dtype)
-        count = w.sum((1, 2))
-        valid = count >= self.min_pixels
-        mean_cos = (cos * w).sum((1, 2)) / count.clamp_min(1.0)
+        total = w.sum((1, 2))
+        valid = total >= self.min_pixels
+        mean_cos = (w * confidence * cos).sum((1, 2)) / total.clamp_min(1.0)
         return BaselineOutput(phi=torch.where(valid, 1.0 - mean_cos, torch.ones_like(mean_cos)), valid=valid)
