@@ -589,6 +589,21 @@ def test_image_folder_errors_name_the_path(tmp_path):
     (truncated / "cls" / "half.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="half.png"):
         ImageFolderDataset(truncated, resolution=8)
+    # a truncated JPEG passes Image.verify (headers only) and used to crash training at the step that
+    # first read it, on every resume; it is decoded up front now, and every bad file is named
+    from PIL import Image
+
+    jpegs = tmp_path / "jpegs"
+    (jpegs / "cls").mkdir(parents=True)
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(jpegs / "cls" / "full.jpg", quality=95)
+    data = (jpegs / "cls" / "full.jpg").read_bytes()
+    for name in ("cut1.jpg", "cut2.jpg"):
+        (jpegs / "cls" / name).write_bytes(data[: len(data) // 2])
+    with Image.open(jpegs / "cls" / "cut1.jpg") as im:
+        im.verify()  # the check the data set relied on before: it does not notice
+    with pytest.raises(ValueError, match=r"2 image file\(s\).*cut1.jpg.*cut2.jpg"):
+        ImageFolderDataset(jpegs, resolution=8)
     flat = tmp_path / "flat"
     _write_png(flat / "x.png", np.zeros((8, 8, 3)))
     with pytest.raises(ValueError, match="class_from_subfolder=False"):

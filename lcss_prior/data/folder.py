@@ -11,8 +11,9 @@ to ``resolution`` (bicubic, PIL), centre-cropped to a square, quantised to 8 bit
 ``[-1, 1]`` by ``x = 2 v / 255 - 1`` (``n_levels = 256``).
 
 Construction fails fast, naming the folder or file: a missing root, no images with a known
-extension (``IMAGE_EXTENSIONS``), or a file whose header cannot be read (every file is checked with
-``PIL.Image.verify``, with a progress bar for large folders).
+extension (``IMAGE_EXTENSIONS``), or files that cannot be decoded (every file is checked with
+``PIL.Image.verify`` and decoded once, with a progress bar for large folders; all bad files are
+named).
 """
 
 from __future__ import annotations
@@ -91,14 +92,25 @@ class ImageFolderDataset(Dataset):
         self._verify()
 
     def _verify(self) -> None:
+        """Decode every file once, up front: ``Image.verify`` alone reads headers and checksums,
+        so a truncated JPEG passes it and then crashes training at the same step on every resume.
+        All bad files are named in one error."""
+        bad = []
         for path in tqdm(
-            self.files, desc=f"checking {self.root}", leave=False, disable=len(self.files) < 500
+            self.files, desc=f"decoding {self.root}", leave=False, disable=len(self.files) < 500
         ):
             try:
                 with Image.open(path) as im:
                     im.verify()
+                with Image.open(path) as im:
+                    im.load()
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-                raise ValueError(f"image file {path} is corrupt or unreadable: {err}") from err
+                bad.append(f"{path} ({err})")
+        if bad:
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ValueError(
+                f"{len(bad)} image file(s) are corrupt or unreadable: {'; '.join(bad[:10])}{more}"
+            )
 
     def __len__(self) -> int:
         return len(self.files)
