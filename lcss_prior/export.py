@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ def export_prior(
     if _build_sde(sde_config).config != sde_config:
         raise ValueError(f"sde.config {sde_config} does not round-trip through lcss_prior.sde.build_sde")
 
+    recover_interrupted_export(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir} exists and is not a folder")
@@ -236,21 +238,57 @@ def export_prior(
         (tmp / PRIOR_JSON).write_text(text + "\n", encoding="utf-8")
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "prior")
+            os.replace(out_dir, old / "prior")  # a kill between the two renames: recovered next time
             os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.*-*"):  # ours and any killed export's
+        if leftover.is_dir() and leftover.name.split(".")[-1].startswith(("tmp-", "old-")):
+            shutil.rmtree(leftover, ignore_errors=True)
     return out_dir
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (POSIX: fsync the directory); a no-op where unsupported."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover_interrupted_export(out_dir: str | os.PathLike) -> Path | None:
+    """An export killed between its two renames leaves no ``out_dir`` and the previous prior in
+    ``.<name>.old-*/prior``: move the newest such prior back (returns its old path), else None."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        return None
+    kept = sorted(
+        (p / "prior" for p in out_dir.parent.glob(f".{out_dir.name}.old-*") if (p / "prior" / PRIOR_JSON).is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not kept:
+        return None
+    os.replace(kept[-1], out_dir)
+    fsync_dir(out_dir.parent)
+    warnings.warn(f"{out_dir} was missing after an interrupted export; restored the previous prior", stacklevel=2)
+    return kept[-1]
 
 
 def read_prior_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``<path>/prior.json`` (and the folder's ``MANIFEST.json`` checksums when it
     has one, ``lcss_prior.manifest``); every problem is a ``PriorFormatError``."""
     folder = Path(path)
+    recover_interrupted_export(folder)
     if not folder.is_dir():
         raise PriorFormatError(f"prior folder {folder} does not exist (or is not a folder)")
     meta_path = folder / PRIOR_JSON

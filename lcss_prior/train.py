@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lcss_prior.data import build_dataset
 from lcss_prior.ema import ema_decay, ema_update
-from lcss_prior.export import Prior, export_prior
+from lcss_prior.export import Prior, export_prior, fsync_dir
 from lcss_prior.losses import SDELoss
 from lcss_prior.model import PRESETS, EpsNetwork, build_unet
 from lcss_prior.sampling import sample_prior, save_grid
@@ -299,9 +299,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def remove_orphaned_checkpoint_files(folder: str | Path) -> list[Path]:
+    """Delete ``.<name>.ckpt.tmp-<pid>`` files of processes that no longer run (a kill during a
+    checkpoint write leaves them; the real checkpoint was never touched). Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*.ckpt.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 class StepCheckpoint(pl.Callback):
@@ -314,6 +337,10 @@ class StepCheckpoint(pl.Callback):
         self.keep_best = keep_best
         self.best = math.inf
         self._losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.dirpath.is_dir():
+            remove_orphaned_checkpoint_files(self.dirpath)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.keep_best and outputs is not None:

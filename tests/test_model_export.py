@@ -404,3 +404,19 @@ def test_lcss_prior_never_imports_the_plugin():
         "assert not any(m.startswith('threestudio') for m in sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_export_killed_between_its_renames_is_recovered(exported, sde):
+    """The previous prior sits in ``.prior.old-*/prior`` and ``prior/`` is gone (killed between the
+    two renames): loading restores it, and the next export replaces it and leaves no leftovers."""
+    net, folder = exported
+    folder = Path(folder)
+    hidden = folder.parent / ".prior.old-abc123"
+    hidden.mkdir()
+    os.replace(folder, hidden / "prior")
+    (folder.parent / ".prior.tmp-def456").mkdir()  # a half-written new export of the killed run
+    with pytest.warns(UserWarning, match="interrupted export; restored"):
+        prior = load_prior(folder)
+    assert prior.captions == list(CAPTIONS) and folder.is_dir()
+    export_prior(net, sde, folder, CAPTIONS, 8, 1, 3, {"method": "lcss", "steps": 1}, n_levels=17, overwrite=True)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["prior"]

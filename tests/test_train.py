@@ -7,7 +7,10 @@ and is resumed are made once per module (``runs``) and shared by the tests that 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +380,19 @@ def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     assert info.value.code == 1
     assert "non-finite weights at step 4" in capsys.readouterr().err
     assert state_dict(out / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_orphaned_checkpoint_temporaries_are_removed(tmp_path):
+    """A kill during a checkpoint write leaves ``.last.ckpt.tmp-<pid>``; the next run removes those
+    of dead processes (never a live one's, never a real checkpoint)."""
+    from lcss_prior.train import remove_orphaned_checkpoint_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "last.ckpt").write_bytes(b"real")
+    orphan = tmp_path / f".last.ckpt.tmp-{dead.pid}"
+    orphan.write_bytes(b"partial")
+    live = tmp_path / f".best.ckpt.tmp-{os.getppid()}"
+    live.write_bytes(b"being written")
+    assert remove_orphaned_checkpoint_files(tmp_path) == [orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name])
