@@ -138,7 +138,9 @@ class Prior(nn.Module):
         t = torch.as_tensor(t, device=x.device).to(self.dtype)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        if class_labels is None or self.null_class is None or guidance_scale == 0.0:
+        if class_labels is not None and self.null_class is None:
+            raise ValueError("this prior is unconditional (no captions): class_labels must be None")
+        if class_labels is None or guidance_scale == 0.0:
             return self.network(x, t, None).to(out_dtype)
         labels = torch.as_tensor(class_labels, device=x.device).long()
         if guidance_scale == 1.0:
@@ -332,6 +334,13 @@ def read_prior_json(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("input_scaling", "output_scaling"):
         if network[key] not in ("edm", "none"):
             raise PriorFormatError(f"{meta_path}: unknown network.{key} {network[key]!r}")
+    for key in ("sigma_data", "time_scale"):
+        value = network[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise PriorFormatError(f"{meta_path}: network.{key} must be a positive number, got {value!r}")
+    levels = meta.get("n_levels")
+    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 2):
+        raise PriorFormatError(f"{meta_path}: n_levels must be null or an integer >= 2, got {levels!r}")
     meta["network"] = network
     return meta
 

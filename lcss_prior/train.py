@@ -185,6 +185,11 @@ class TrainConfig:
             positive(name)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "num_workers"):
             positive(name, allow_zero=True)
+        if self.method == "lcss" and self.smoothing >= 1.0:
+            raise ConfigError(
+                f"--smoothing must be < 1 for LCSS, got {self.smoothing!r}: at c >= 1 the smoothed objective "
+                "is unbounded below (docs/lcss_math.md section 4); keep c^4 D / 2 << 1 (default 0.01)"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.p_uncond < 1.0:

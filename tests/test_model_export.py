@@ -267,6 +267,16 @@ def test_bare_unet_export_means_unscaled_input(tmp_path, sde):
         assert torch.equal(prior.eps(x, t, labels), unet(x, 999.0 * t, class_labels=labels).sample)
 
 
+def test_labels_for_an_unconditional_prior_are_an_error(tmp_path, sde):
+    net = tiny_network(sde, num_classes=0)  # 0 classes: an unconditional UNet
+    path = export_prior(net, sde, tmp_path / "uncond", [], 8, 1, None, {"steps": 0})
+    prior = load_prior(path)
+    x, t = torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5)
+    assert prior.eps(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="unconditional.*class_labels must be None"):
+        prior.eps(x, t, torch.tensor([0, 1]))
+
+
 def test_exported_folder_is_readable_by_others(exported):
     """``tempfile.mkdtemp`` creates 0700 folders; the exported prior follows the umask instead."""
     umask = os.umask(0)
@@ -358,6 +368,9 @@ def _rewrite_json(path, **changes):
         ("missing_unet", "unet is missing"),
         ("corrupt_unet", "cannot be loaded"),
         ("mismatched_unet", "does not match"),
+        ("bad_sigma_data", "network.sigma_data must be a positive number"),
+        ("bad_time_scale", "network.time_scale must be a positive number"),
+        ("bad_n_levels", "n_levels must be null or an integer >= 2"),
     ],
 )
 def test_broken_prior_folders_raise_one_clear_error(exported, breakage, fragment):
@@ -393,6 +406,12 @@ def test_broken_prior_folders_raise_one_clear_error(exported, breakage, fragment
     elif breakage == "mismatched_unet":
         _rewrite_json(path, channels=3)
         named = path / "unet"
+    elif breakage in ("bad_sigma_data", "bad_time_scale"):
+        meta = json.loads(meta_file.read_text())
+        meta["network"][breakage.removeprefix("bad_")] = -1 if breakage == "bad_sigma_data" else "999"
+        meta_file.write_text(json.dumps(meta))
+    elif breakage == "bad_n_levels":
+        _rewrite_json(path, n_levels=1.5)
     with pytest.raises(PriorFormatError, match=fragment) as info:
         load_prior(path)
     assert str(named) in str(info.value)

@@ -246,6 +246,7 @@ def corrupt_image_folder(root: Path) -> Path:
         (["--sde", "nope"], "unknown SDE name"),
         (["--sde", "tanh", "--method", "dsm"], "not affine"),
         (["--data-size", "500"], "apply to --data shapes only"),  # digits would ignore it
+        (["--smoothing", "1.5"], "--smoothing must be < 1 for LCSS"),  # unbounded below there
         (["--data", "/no/such/folder"], "neither 'digits', 'shapes' nor an existing image folder"),
         (["--data", "CORRUPT"], "bad.png"),
         ([], "already holds a run"),
