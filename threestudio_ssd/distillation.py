@@ -66,7 +66,11 @@ from threestudio_ssd.vsd import ParticleScoreModel
 
 ESTIMATORS = ("ssd", "sds", "vsd")
 #: the keys of ``ScoreDistillation.resume_state()``
-RESUME_STATE_KEYS = ("particle_generator", "moments")
+RESUME_STATE_KEYS = ("particle_generator", "moments", "schedule")
+T_SAMPLINGS = ("uniform", "stratified", "golden")
+ANTITHETIC = ("none", "pairs", "steps")
+#: 1 / golden ratio: the additive recurrence ``u_k = frac(u_0 + k * GOLDEN)`` spreads ``u`` evenly
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 WEIGHTINGS = ("sds", "uniform")
 RESIZE_RENDER = ("image", "render")
 BASELINE_DECODERS = ("full", "preview")
@@ -107,6 +111,20 @@ class DistillationConfig:
         vsd_camera_hidden_dim: VSD: width of the camera-embedding MLP.
         vsd_seed: VSD: seed of the particle model's own generator (its training draws never consume
             the caller's generator, so SDS, SSD and VSD see the same ``t``/``eps`` stream).
+        noise_draws: ``(t, eps)`` draws per render per step; the step's gradient is their mean (the
+            render, its decode and its backward pass are shared; each draw costs a score-model call).
+        t_sampling: how the draws' ``t`` are placed, each draw's ``t`` being ``U[t_min, t_max]``
+            marginally (so every choice has the SDS mean): ``"uniform"`` (independent),
+            ``"stratified"`` (one ``t`` per equal-width stratum among a render's draws, in random
+            order) or ``"golden"`` (low discrepancy ACROSS steps: render slot ``b`` uses
+            ``u_k = frac(u_0[b] + k / phi)`` at its ``k``-th step, ``u_0`` uniform, drawn once; a
+            render's several draws sit at ``frac(u_k + j / m)``).
+        antithetic: ``"none"``; ``"pairs"``: a render's draws come in pairs ``(t, eps)``,
+            ``(t, -eps)`` (``noise_draws`` even), which cancels every part of the gradient that is
+            odd in ``eps`` (``-eps`` itself included); ``"steps"``: every second step reuses the
+            previous step's ``t`` and ``-eps`` (the optimiser's moving average sees the pair). With
+            ``"steps"`` an ``optimal`` ``mu`` is refit after the second step of each pair only (a
+            ``mu`` fitted on ``eps`` must not weight ``-eps``), and ``learned`` is refused.
     """
 
     estimator: str = "ssd"
@@ -127,6 +145,9 @@ class DistillationConfig:
     vsd_lora_rank: int | None = None
     vsd_camera_hidden_dim: int = 64
     vsd_seed: int = 0
+    noise_draws: int = 1
+    t_sampling: str = "uniform"
+    antithetic: str = "none"
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -136,6 +157,8 @@ class DistillationConfig:
             ("baseline_decoder", BASELINE_DECODERS),
             ("mu_shape", ControlVariateWeight.SHAPES),
             ("mu_mode", ControlVariateWeight.MODES),
+            ("t_sampling", T_SAMPLINGS),
+            ("antithetic", ANTITHETIC),
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(
@@ -148,6 +171,17 @@ class DistillationConfig:
         if not 0.0 <= self.vsd_camera_dropout < 1.0:
             raise ValueError(
                 f"DistillationConfig.vsd_camera_dropout must be in [0, 1), got {self.vsd_camera_dropout!r}"
+            )
+        if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise ValueError(f"DistillationConfig.noise_draws must be an integer >= 1, got {self.noise_draws!r}")
+        if self.antithetic == "pairs" and self.noise_draws % 2:
+            raise ValueError(
+                f"DistillationConfig.antithetic='pairs' needs an even noise_draws, got {self.noise_draws}"
+            )
+        if self.antithetic == "steps" and self.estimator == "ssd" and self.mu_mode == "learned":
+            raise ValueError(
+                "DistillationConfig.antithetic='steps' with mu_mode='learned': the optimiser would step mu "
+                "on eps before mu weights -eps (biased); use mu_mode='optimal' or antithetic='pairs'"
             )
         if self.vsd_lora_rank is not None and not self.vsd_lora_rank >= 1:
             raise ValueError(
@@ -297,6 +331,7 @@ class ScoreDistillation(nn.Module):
             )
         self._particle_generator: torch.Generator | None = None
         self._moments = {"steps": 0, "grad_sq": 0.0, "sds_sq": 0.0}
+        self._schedule = _fresh_schedule()
 
     # -- accessors -----------------------------------------------------------------------------
 
@@ -325,13 +360,18 @@ class ScoreDistillation(nn.Module):
         """What carries over between steps outside ``state_dict()`` (module docstring), as plain
         python objects and CPU tensors: ``particle_generator`` (VSD: ``{"device", "state"}`` of the
         particle model's generator; ``None`` before its first draw and for SSD/SDS) and ``moments``
-        (the running second moments behind ``var_proxy_*``)."""
+        (the running second moments behind ``var_proxy_*``) and ``schedule`` (``t_sampling="golden"``'s
+        per-slot start and step count; ``antithetic="steps"``'s pending ``t``/``eps`` and the first
+        step's data that the deferred ``mu`` refit folds in)."""
         gen = self._particle_generator
         return {
             "particle_generator": None
             if gen is None
             else {"device": str(gen.device), "state": gen.get_state().clone()},
             "moments": dict(self._moments),
+            "schedule": {
+                key: _to_cpu(value) for key, value in self._schedule.items()
+            },
         }
 
     def load_resume_state(self, state: Mapping[str, Any]) -> None:
@@ -344,8 +384,8 @@ class ScoreDistillation(nn.Module):
         if missing:
             warnings.warn(
                 f"ScoreDistillation.load_resume_state: no {missing} in the saved state (an older "
-                "checkpoint?); the particle generator restarts from vsd_seed and the variance-proxy "
-                "moments from zero where missing, so the resumed run differs from an uninterrupted one",
+                "checkpoint?); the particle generator restarts from vsd_seed, the variance-proxy "
+                "moments from zero and the t/eps schedule afresh where missing, so the resumed run differs from an uninterrupted one",
                 stacklevel=2,
             )
         if "moments" in state:
@@ -360,6 +400,12 @@ class ScoreDistillation(nn.Module):
             }
         if "particle_generator" in state:
             self._particle_generator = self._restore_generator(state["particle_generator"])
+        if "schedule" in state:
+            schedule = state["schedule"]
+            absent = sorted(set(self._schedule) - set(schedule))
+            if absent:
+                raise ValueError(f"resume state 'schedule' lacks {absent}, got keys {sorted(schedule)}")
+            self._schedule = {key: schedule[key] for key in self._schedule}
 
     @staticmethod
     def _restore_generator(saved: Mapping[str, Any] | None) -> torch.Generator | None:
@@ -399,33 +445,38 @@ class ScoreDistillation(nn.Module):
         left untouched and no particle loss is returned."""
         cfg = self.config
         x0 = self._model_input(rgb, rgb_as_latents, generator)
-        batch = x0.shape[0]
+        batch, n = x0.shape[0], cfg.noise_draws
         camera = self._camera(c2w, render, batch)
-        t = self._sample_t(batch, t_range, generator, x0)
-        eps = _randn(x0.shape, generator, x0)
-        step = self._step(x0.detach(), t, eps, cond, render, camera)
-        grad = torch.nan_to_num(step.grad)
-        if cfg.grad_clip is not None:
-            grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
+        t, eps = self._draw(x0, t_range, generator)
+        step = self._step(
+            _repeat_draws(x0.detach(), n),
+            t,
+            eps,
+            self._repeat_cond(cond, n),
+            None if render is None else render.repeat(n) if render.batch_size == batch else render,
+            None if camera is None else camera.repeat(n, 1, 1),
+        )
+        raw = torch.nan_to_num(_mean_over_draws(step.grad, n))
+        grad = raw if cfg.grad_clip is None else raw.clamp(-cfg.grad_clip, cfg.grad_clip)
         loss_mu = None
         if self.mu is not None and update_mu:
             if cfg.mu_mode == "learned":
                 loss_mu = self.mu.loss(step.eps_hat, step.cvs, step.weight, t)
             else:
-                self.mu.update(step.eps_hat, step.cvs, step.weight, t)
+                self._update_optimal_mu(step, t)
         loss_particle = None
         if self.particle is not None and update_mu:
             loss_particle = self.particle.loss(x0, cond, camera, self._particle_rng(x0)).mean()
         target = (x0 - grad).detach()
         loss = 0.5 * (x0 - target).pow(2).sum() / batch
-        stats = self._stats(grad, step, update_mu)
+        stats = self._stats(grad, raw, step, update_mu)
         if loss_particle is not None:
             stats["loss_vsd_particle"] = loss_particle.item()
         return DistillationOutput(
             loss=loss,
             loss_mu=loss_mu,
             grad=grad.detach(),
-            t=t,
+            t=t[:batch],
             stats=stats,
             loss_vsd_particle=loss_particle,
         )
@@ -448,6 +499,11 @@ class ScoreDistillation(nn.Module):
         ``render``; ``c2w`` for VSD), the estimator (SSD with the current ``mu``, never updated here;
         VSD with the current particle model, not trained here) and SDS on the same draws.
 
+        Each sample is one step of the configured estimator: with ``noise_draws=n`` the mean of its
+        ``n`` draws (placed by ``t_sampling``/``antithetic="pairs"``), so ``ratio`` is the per-step
+        variance against single-draw SDS (its first draw, the same noise). Samples are independent:
+        ``"golden"`` gives each its own random start and ``antithetic="steps"`` does not pair them
+        (each is a step's marginal draw); ``t`` holds each sample's first ``t``.
         ``t=None`` draws ``t ~ U[t_range]``; a number fixes it. ``x0 = encode(rgb)`` is computed
         once (a sampling VAE draws its latent once: the render is fixed). Draws are evaluated
         ``batch_size`` at a time (``score_model.repeat_cond`` repeats ``cond``). The samples are not
@@ -463,27 +519,29 @@ class ScoreDistillation(nn.Module):
         camera = self._camera(c2w, render, 1)
         if t is not None and not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"t must be None or in [0, 1], got {t}")
-        # all draws up front, so that they do not depend on batch_size
-        if t is None:
-            ts = self._sample_t(n_draws, t_range, generator, x0)
-        else:
-            ts = torch.full((n_draws,), float(t), device=x0.device, dtype=x0.dtype)
-        noise = _randn((n_draws, *x0.shape[1:]), generator, x0)
+        # all draws up front, so that they do not depend on batch_size; sample k is one step of the
+        # estimator at its own render slot (noise_draws draws, independent of every other sample)
+        n = self.config.noise_draws
+        ts, noise = self._draw(x0.expand(n_draws, *x0.shape[1:]), t_range, generator, independent=True)
+        if t is not None:
+            ts = torch.full_like(ts, float(t))
+        ts, noise = ts.reshape(n, n_draws), noise.reshape(n, n_draws, *x0.shape[1:])
         ssd, sds, n_fallback = [], [], 0
         for start in range(0, n_draws, batch_size):
-            tn, eps = ts[start : start + batch_size], noise[start : start + batch_size]
-            n = tn.shape[0]
-            cam = None if camera is None else camera.expand(n, 4, 4)
-            step = self._step(x0.expand(n, *x0.shape[1:]), tn, eps, self._repeat_cond(cond, n), render, cam)
-            ssd.append(torch.nan_to_num(step.grad))
-            sds.append(torch.nan_to_num(step.sds))
+            tn = ts[:, start : start + batch_size].reshape(-1)
+            eps = noise[:, start : start + batch_size].reshape(-1, *x0.shape[1:])
+            size = tn.shape[0]
+            cam = None if camera is None else camera.expand(size, 4, 4)
+            step = self._step(x0.expand(size, *x0.shape[1:]), tn, eps, self._repeat_cond(cond, size), render, cam)
+            ssd.append(torch.nan_to_num(_mean_over_draws(step.grad, n)))
+            sds.append(torch.nan_to_num(step.sds[: size // n]))  # single-draw SDS: each sample's first draw
             n_fallback += 0 if step.fallback is None else int(step.fallback.sum())
         ssd_t, sds_t = torch.cat(ssd), torch.cat(sds)
         var_ssd, var_sds = gradient_variance(ssd_t).item(), gradient_variance(sds_t).item()
         return VarianceEstimate(
             ssd=ssd_t,
             sds=sds_t,
-            t=ts,
+            t=ts[0],
             var_ssd=var_ssd,
             var_sds=var_sds,
             ratio=var_ssd / var_sds if var_sds > 0 else math.nan,
@@ -502,15 +560,93 @@ class ScoreDistillation(nn.Module):
             )
         return resize_image(rgb, sm.resolution)
 
-    @staticmethod
-    def _sample_t(
-        batch: int, t_range: Sequence[float], generator: torch.Generator | None, like: Tensor
-    ) -> Tensor:
+    def _draw(
+        self,
+        x0: Tensor,
+        t_range: Sequence[float],
+        generator: torch.Generator | None,
+        advance: bool = True,
+        independent: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """The step's ``t [n B]`` and ``eps [n B, *x0.shape[1:]]`` for ``B`` renders with
+        ``n = noise_draws`` draws each (draw ``j`` of render ``b`` at ``j B + b``, the order of
+        ``x.repeat(n, ...)``), placed by ``t_sampling`` and ``antithetic``. ``advance=False`` leaves
+        the schedule's state as it is; ``independent`` draws every render slot afresh (no golden
+        sequence, no pairing across steps)."""
+        cfg = self.config
         lo, hi = (float(v) for v in t_range)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"t_range must satisfy 0 <= min_t <= max_t <= 1, got {tuple(t_range)}")
-        u = torch.rand(batch, generator=generator, device=_device(generator, like))
-        return (lo + (hi - lo) * u).to(device=like.device, dtype=like.dtype)
+        batch, n = x0.shape[0], cfg.noise_draws
+        sched = self._schedule
+        if cfg.antithetic == "steps" and not independent and sched["pending"] is not None:
+            pending = sched["pending"]
+            if advance:
+                sched["pending"] = None
+            # the partner of the previous step, unless the t range or the batch changed meanwhile
+            if pending["t_range"] == [lo, hi] and tuple(pending["eps"].shape) == (n * batch, *x0.shape[1:]):
+                return pending["t"].to(x0), -pending["eps"].to(x0)
+        m = n // 2 if cfg.antithetic == "pairs" else n
+        u = self._uniforms(m, batch, generator, x0, advance and not independent, independent)
+        t = (lo + (hi - lo) * u).to(device=x0.device, dtype=x0.dtype)
+        eps = _randn((m * batch, *x0.shape[1:]), generator, x0)
+        if cfg.antithetic == "pairs":
+            t, eps = torch.cat([t, t]), torch.cat([eps, -eps])
+        if cfg.antithetic == "steps" and advance and not independent:
+            sched["pending"] = {"t": t.detach().cpu(), "eps": eps.detach().cpu(), "t_range": [lo, hi]}
+        return t, eps
+
+    def _uniforms(
+        self,
+        m: int,
+        batch: int,
+        generator: torch.Generator | None,
+        like: Tensor,
+        advance: bool,
+        independent: bool,
+    ) -> Tensor:
+        """``u [m B]`` in ``[0, 1)``, each ``U[0, 1)`` marginally, by ``t_sampling``."""
+        device = _device(generator, like)
+        mode = self.config.t_sampling
+        if mode == "uniform":
+            return torch.rand(m * batch, generator=generator, device=device)
+        if mode == "stratified":  # a random permutation of the strata per render, a uniform point in each
+            order = torch.rand(m, batch, generator=generator, device=device).argsort(dim=0)
+            return ((order + torch.rand(m, batch, generator=generator, device=device)) / m).reshape(-1)
+        sched = self._schedule
+        start = sched["golden_start"]
+        if independent or start is None or start.numel() != batch:
+            start = torch.rand(batch, generator=generator, device=device).double().cpu()
+            step = 0
+            if advance:
+                sched["golden_start"], sched["golden_step"] = start, 0
+        else:
+            step = int(sched["golden_step"])
+        base = (start + step * GOLDEN) % 1.0
+        if advance:
+            sched["golden_step"] = step + 1
+        lattice = torch.arange(m, dtype=torch.float64)[:, None] / m
+        return ((base[None, :] + lattice) % 1.0).reshape(-1).float().to(device)
+
+    def _update_optimal_mu(self, step: _Step, t: Tensor) -> None:
+        """Refit the ``optimal`` weights from this step. With ``antithetic="steps"`` the first step
+        of a pair is held back and folded in with the second: a ``mu`` fitted on ``eps`` must not
+        weight the ``-eps`` of the next step."""
+        data = {"eps_hat": step.eps_hat, "cvs": step.cvs, "weight": step.weight, "t": t}
+        if self.config.antithetic != "steps":
+            self.mu.update(**data)
+            return
+        sched = self._schedule
+        held = sched["deferred"]
+        if sched["pending"] is not None:  # this step opened a pair
+            if held is not None:  # a pair whose second step never came (the t range changed)
+                self.mu.update(**{k: v.to(data[k].device) for k, v in held.items()})
+            sched["deferred"] = {k: v.detach().cpu() for k, v in data.items()}
+            return
+        if held is not None:
+            data = {k: torch.cat([held[k].to(v.device), v]) for k, v in data.items()}
+        sched["deferred"] = None
+        self.mu.update(**data)
 
     def _repeat_cond(self, cond: Any, n: int) -> Any:
         return cond if n == 1 else self.score_model.repeat_cond(cond, n)
@@ -598,8 +734,9 @@ class ScoreDistillation(nn.Module):
         phis, grads = baseline_value_and_grad(phi_fn, x_t, n_baselines=len(baselines))
         return phis, grads, validity[-1]
 
-    def _stats(self, grad: Tensor, step: _Step, update: bool) -> dict[str, float]:
-        """Logging numbers; the running second moments advance only when ``update``."""
+    def _stats(self, grad: Tensor, raw: Tensor, step: _Step, update: bool) -> dict[str, float]:
+        """Logging numbers; the running second moments advance only when ``update``. ``raw``: the
+        step's gradient before clipping (the mean over its draws)."""
         stats: dict[str, float] = {"grad_norm": grad.norm().item()}
         if step.phis is not None:
             ok = ~step.fallback
@@ -618,7 +755,9 @@ class ScoreDistillation(nn.Module):
         # Online variance proxy: SSD and SDS have the same mean at every render, so
         # E||g||^2 - E||g_sds||^2 = Var(g) - Var(g_sds); the ratio of second moments lies between
         # the variance ratio and 1 (the squared mean is in both), so it understates any change.
-        grad_sq = torch.nan_to_num(step.grad).flatten(1).pow(2).sum(1).mean().item()
+        # The estimator's is that of the step's gradient (the mean of its draws), SDS's that of
+        # single draws: with several draws per step the ratio includes what they remove.
+        grad_sq = raw.flatten(1).pow(2).sum(1).mean().item()
         sds_sq = torch.nan_to_num(step.sds).flatten(1).pow(2).sum(1).mean().item()
         m = self._moments
         if update:
@@ -655,3 +794,27 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, like: Tensor
     return torch.randn(tuple(shape), generator=generator, device=_device(generator, like)).to(
         device=like.device, dtype=like.dtype
     )
+
+
+def _repeat_draws(x: Tensor, n: int) -> Tensor:
+    """``[B, ...]`` to ``[n B, ...]`` in the order of ``x.repeat(n, ...)`` (``x`` itself when ``n = 1``)."""
+    return x if n == 1 else x.repeat(n, *([1] * (x.ndim - 1)))
+
+
+def _mean_over_draws(x: Tensor, n: int) -> Tensor:
+    """``[n B, ...]`` (draw ``j`` of render ``b`` at ``j B + b``) to the mean over draws ``[B, ...]``."""
+    return x if n == 1 else x.reshape(n, x.shape[0] // n, *x.shape[1:]).mean(0)
+
+
+def _fresh_schedule() -> dict[str, Any]:
+    """The ``t``/``eps`` schedule's state between steps (``resume_state()["schedule"]``)."""
+    return {"golden_start": None, "golden_step": 0, "pending": None, "deferred": None}
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors (also inside dicts) detached and on the CPU, for ``resume_state``."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value

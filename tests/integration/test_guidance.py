@@ -238,3 +238,25 @@ def test_text_embedding_prompt_output_picks_threestudio_directions(threestudio_t
     assert emb[:6, 0, 0].tolist() == [1.0, 0.0, 2.0, 3.0, 2.0, 1.0]  # conditional rows first
     assert emb[6:, 0, 0].tolist() == [-1.0, -0.0, -2.0, -3.0, -2.0, -1.0]
     assert out.prompts_vd == [f"a red cube, {d} view" for d in ("side", "front", "back", "overhead")]
+
+
+def test_noise_schemes_reach_the_estimator_and_their_state_is_checkpointed(threestudio_ts, models):
+    """``noise_draws``/``t_sampling``/``antithetic`` keys configure the estimator; with SSD and the
+    depth baseline each draw sees the render; the schedule's state (golden start, the antithetic
+    partner) travels in the guidance's extra state, so a loaded guidance continues the pair."""
+    pu = prior_prompt(threestudio_ts, models)
+    rgb = torch.rand(1, 16, 16, 3)
+    kw = dict(mu_mode="optimal", noise_draws=4, t_sampling="stratified", antithetic="pairs", seed=5)
+    guidance = lcss_guidance(threestudio_ts, models, **kw)
+    config = guidance.distillation.config
+    assert (config.noise_draws, config.t_sampling, config.antithetic) == (4, "stratified", "pairs")
+    out = guidance(rgb, pu, **CAMERA, **sphere_render(16, 16))
+    assert torch.isfinite(out["loss_ssd"]) and out["n_fallback"] == 0 and out["valid_frac/depth"] == 1.0
+    with pytest.raises(ValueError, match="guidance: DistillationConfig.antithetic='pairs' needs an even"):
+        lcss_guidance(threestudio_ts, models, noise_draws=3, antithetic="pairs")
+    steps = dict(estimator="sds", depth_estimator_path=None, t_sampling="golden", antithetic="steps", seed=5)
+    first = lcss_guidance(threestudio_ts, models, **steps)
+    first(rgb, pu, **CAMERA)  # opens a pair
+    resumed = lcss_guidance(threestudio_ts, models, **{**steps, "seed": 77})
+    resumed.load_state_dict(first.state_dict())
+    torch.testing.assert_close(resumed(rgb, pu, **CAMERA)["loss_ssd"], first(rgb, pu, **CAMERA)["loss_ssd"])

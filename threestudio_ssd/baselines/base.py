@@ -96,6 +96,11 @@ class RenderOutputs:
             raise ValueError(f"Cannot expand a render batch of {self.batch_size} to {batch_size}")
         return self._map(lambda v: v.expand(batch_size, *v.shape[1:]))
 
+    def repeat(self, n: int) -> RenderOutputs:
+        """The batch repeated ``n`` times in the order of ``x.repeat(n, 1, 1, 1)`` (several noise
+        draws per view)."""
+        return self if n == 1 else self._map(lambda v: v.repeat(n, *([1] * (v.ndim - 1))))
+
     def resized(self, height: int, width: int) -> RenderOutputs:
         """The render at ``height x width``, resampled bilinearly (antialiased when shrinking).
 

@@ -102,6 +102,11 @@ class SteinScoreDistillationGuidance(BaseModule):
         grad_clip: Any | None = None  # element-wise clip of the gradient, schedulable
         view_dependent_prompting: bool = True
         seed: int = 0  # noise generator (t, eps), seeded seed + rank; its state is checkpointed per rank
+        # where a step's noise goes (DistillationConfig): draws per render (the gradient is their
+        # mean), t placement uniform | stratified | golden, antithetic none | pairs | steps
+        noise_draws: int = 1
+        t_sampling: str = "uniform"
+        antithetic: str = "none"
         # VSD only (threestudio_ssd.vsd.ParticleScoreModel): camera guidance of the particle model
         # (1: camera-conditioned only), share of its training samples with the null camera, LoRA
         # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise (checkpointed)
@@ -229,6 +234,9 @@ class SteinScoreDistillationGuidance(BaseModule):
                 vsd_lora_rank=cfg.vsd_lora_rank,
                 vsd_camera_hidden_dim=int(cfg.vsd_camera_hidden_dim),
                 vsd_seed=int(cfg.vsd_seed) + self.rank,
+                noise_draws=cfg.noise_draws,
+                t_sampling=cfg.t_sampling,
+                antithetic=cfg.antithetic,
             )
         except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
             raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err
