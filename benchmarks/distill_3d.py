@@ -70,6 +70,38 @@ ESTIMATORS = {"sds": "sds", "vsd": "vsd", "ssd": "ssd", "const": "ssd"}
 learned scalar ``mu`` as ``ssd``, no depth model): what the weight alone removes, so that the depth
 baseline's own share of SSD's reduction is ``ssd`` against ``const``, not against SDS."""
 CONST_OVERRIDES = ["system.guidance.baselines=[constant]", "system.guidance.depth_estimator_path=null"]
+_G = "system.guidance."
+SCHEMES = {
+    "n2": [f"{_G}noise_draws=2"],
+    "n4": [f"{_G}noise_draws=4"],
+    "n8": [f"{_G}noise_draws=8"],
+    "n2-pairs": [f"{_G}noise_draws=2", f"{_G}antithetic=pairs"],
+    "n4-strat": [f"{_G}noise_draws=4", f"{_G}t_sampling=stratified"],
+    "n4-strat-pairs": [f"{_G}noise_draws=4", f"{_G}t_sampling=stratified", f"{_G}antithetic=pairs"],
+    "n8-strat-pairs": [f"{_G}noise_draws=8", f"{_G}t_sampling=stratified", f"{_G}antithetic=pairs"],
+    "golden": [f"{_G}t_sampling=golden"],
+    "golden-steps": [f"{_G}t_sampling=golden", f"{_G}antithetic=steps"],
+}
+"""Noise schemes of ``DistillationConfig`` (``noise_draws``, ``t_sampling``, ``antithetic``)."""
+SCHEME_ARMS = {
+    f"{base}-{name}": (base, overrides)
+    for base in ("sds", "ssd", "const")
+    for name, overrides in SCHEMES.items()
+    if base == "sds" or "steps" not in name  # the configs' learned mu refuses antithetic steps
+}
+"""Opt-in arms (``--arms``): ``<arm>-<scheme>`` is the arm's config with the scheme's keys.
+``sds-n2/4/8`` (SDS with several noise draws per step, variance V/n at one render) calibrate the
+benchmark: if they do not converge faster, it cannot show a variance reduction."""
+KNOWN_ARMS = ARMS + tuple(SCHEME_ARMS)
+
+
+def base_arm(arm: str) -> str:
+    """The arm whose config and estimator a scheme arm uses (an arm of ``ARMS`` is its own)."""
+    return SCHEME_ARMS[arm][0] if arm in SCHEME_ARMS else arm
+
+
+CONFIGS.update({arm: CONFIGS[base] for arm, (base, _) in SCHEME_ARMS.items()})
+ESTIMATORS.update({arm: ESTIMATORS[base] for arm, (base, _) in SCHEME_ARMS.items()})
 RECORD = "distill_3d_record.json"
 
 
@@ -113,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth-model", default=None, help="depth checkpoint folder, for SSD (default: models/depth-shapes-64)"
     )
     p.add_argument("--prompt", default="a red cube", help="a caption of the shapes vocabulary")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(KNOWN_ARMS)}")
     p.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=10)
@@ -154,9 +186,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser = build_parser()
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in KNOWN_ARMS]
     if unknown:
-        parser.error(f"--arms: unknown arm(s) {unknown}; known: {list(ARMS)}")
+        parser.error(f"--arms: unknown arm(s) {unknown}; known: {list(KNOWN_ARMS)}")
     if "sds" not in arms:
         arms.insert(0, "sds")  # every ratio is to SDS
     if args.quick:
@@ -307,6 +339,9 @@ def make_callback(prompt: str, eval_every: int, record_path: str):
                 "variance_monitor": list(getattr(pl_module, "variance_history", [])),
                 "estimator": pl_module.guidance.cfg.estimator,
                 "baselines": list(pl_module.guidance.cfg.baselines),
+                "noise": {
+                    key: getattr(pl_module.guidance.cfg, key) for key in ("noise_draws", "t_sampling", "antithetic")
+                },
             }
             Path(record_path).write_text(json.dumps(record))
 
@@ -346,7 +381,8 @@ def run_overrides(
         f"seed={seed}",
         f"system.guidance.seed={seed}",
         f"system.guidance.vsd_seed={seed}" if arm == "vsd" else None,
-        *(CONST_OVERRIDES if arm == "const" else []),
+        *(CONST_OVERRIDES if base_arm(arm) == "const" else []),
+        *SCHEME_ARMS.get(arm, (None, []))[1],
         f"exp_root_dir={runs_dir}",
         "name=distill3d",
         f"tag={arm}-seed{seed}",
@@ -365,7 +401,7 @@ def run_overrides(
         f"system.variance_monitor.n_draws={settings.monitor_draws}",
         f"system.variance_monitor.seed={seed}",
     ]
-    if models.get("depth") and arm != "const":
+    if models.get("depth") and base_arm(arm) != "const":
         out.append(f"system.guidance.depth_estimator_path={models['depth']}")
     return [o for o in out if o is not None] + settings.overrides
 
@@ -542,6 +578,10 @@ def summarize(settings: Settings, records: dict[int, dict[str, dict[str, Any]]])
             "median_step_s_per_seed": medians,
             "step_time_ratio_to_sds_per_seed": step_ratio,
             "step_time_ratio_to_sds_mean": statistics.fmean(step_ratio),
+            "mean_iou_over_run": statistics.fmean(c["mean"] for c in iou),
+            "efficiency": (
+                statistics.fmean(ratios) * statistics.fmean(step_ratio) if ratios else None
+            ),
             "step_times_in_shared_window_per_seed": overlapped,
         }
     summary["sds_steps_to_final_iou"] = sds_steps_to_final
@@ -567,6 +607,7 @@ def compact_runs(records: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any
             arm: {
                 "estimator": r["estimator"],
                 "baselines": r.get("baselines"),
+                "noise": r.get("noise"),
                 "evals": [
                     {k: [r5(v) for v in x] if isinstance(x, list) else r5(x) for k, x in e.items()}
                     for e in r["evals"]
@@ -587,6 +628,8 @@ def plot(settings: Settings, records: dict[int, dict[str, Any]], summary: dict[s
     from matplotlib.figure import Figure
 
     colors = {"sds": "tab:blue", "vsd": "tab:green", "ssd": "tab:red", "const": "tab:orange"}
+    extra = iter(["tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black", "gold", "navy"])
+    colors.update({arm: next(extra) for arm in settings.arms if arm not in colors})
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
     for ax, key, label in (
@@ -658,8 +701,9 @@ def write_markdown(settings: Settings, result: dict[str, Any], path: Path, comma
         "",
         "| arm | final IoU mean [min, max] | best IoU | PSNR fg / full (dB) | steps to IoU "
         f">= {settings.iou_target} (per seed) | steps to SDS's final IoU ({_fmt(summary['sds_final_iou'])}) "
-        "| ratio to SDS's | variance ratio to SDS (mean [min, max]) | step time ratio to SDS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ratio to SDS's | mean IoU over the run | variance ratio to SDS (mean [min, max]) | step time ratio to SDS "
+        "| variance x time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in settings.arms:
         a = summary["arms"][arm]
@@ -668,16 +712,20 @@ def write_markdown(settings: Settings, result: dict[str, Any], path: Path, comma
             f"| {_fmt(a['best_iou_mean'])} | {_fmt(a['final_psnr_foreground_mean'])} / {_fmt(a['final_psnr_full_mean'])} "
             f"| {_fmt(a['steps_to_iou_target_per_seed'])} | {_fmt(a['steps_to_sds_final_iou'])} "
             f"| {_fmt(a['steps_to_sds_final_iou_ratio']) if summary['sds_steps_to_final_iou'] else 'n/a (SDS at step 0)'} "
+            f"| {_fmt(a['mean_iou_over_run'])} "
             f"| {_fmt(a['variance_ratio_mean'])} [{_fmt(a['variance_ratio_min'])}, {_fmt(a['variance_ratio_max'])}] "
-            f"| {_fmt(a['step_time_ratio_to_sds_per_seed'])} (median step {_fmt(a['median_step_s_per_seed'])} s) |"
+            f"| {_fmt(a['step_time_ratio_to_sds_per_seed'])} (median step {_fmt(a['median_step_s_per_seed'])} s) "
+            f"| {_fmt(a['efficiency'])} |"
         )
     lines += [
         "",
         "Steps to a target IoU are read on the seed-mean curve at the evaluation steps (resolution "
-        f"{settings.eval_every} steps). The variance ratio is the system's variance monitor at the run's own "
+        f"{settings.eval_every} steps); the mean IoU over the run is the seed-mean curve averaged over its "
+        "evaluation steps (step 0 included: higher is faster convergence). The variance ratio is the system's variance monitor at the run's own "
         "current view (steps > 0; SDS is 1 by construction). VSD's ratio compares estimators with different "
         "means (VSD is not unbiased for the SDS gradient). Step times exclude the monitor and the evaluation, "
-        "and use only steps during which every arm of the seed was running.",
+        "and use only steps during which every arm of the seed was running. Variance x time: the mean variance "
+        "ratio times the mean step-time ratio (< 1: the arm beats SDS per unit of compute at one view).",
         "",
         "Figures: `distill_3d/iou_psnr.png`, `distill_3d/variance_ratio.png`; numbers: `distill_3d/distill_3d.json`.",
         "",

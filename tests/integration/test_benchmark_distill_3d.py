@@ -31,15 +31,18 @@ def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bench = load_script()
     out = tmp_path / "distill_3d"
-    result = bench.main(["--quick", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    arms = [*bench.ARMS, "ssd-n4-strat-pairs"]  # the default arms and one noise-scheme arm
+    result = bench.main(
+        ["--quick", "--arms", ",".join(arms), "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    )
     for name in ("distill_3d.json", "iou_psnr.png", "variance_ratio.png"):
         assert (out / name).stat().st_size > 0, name
     markdown = (tmp_path / "distill_3d.md").read_text()
-    assert all(f"| {arm.upper()} |" in markdown for arm in bench.ARMS)
+    assert all(f"| {arm.upper()} |" in markdown for arm in arms)
     saved = json.loads((out / "distill_3d.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     runs = saved["runs"]["0"]
-    assert set(runs) == set(bench.ARMS)
+    assert set(runs) == set(arms)
     for arm, record in runs.items():
         assert record["estimator"] == bench.ESTIMATORS[arm]
         assert [e["step"] for e in record["evals"]] == [0, 2, 4], arm
@@ -58,12 +61,19 @@ def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monke
         assert math.isfinite(summary["final_iou_mean"]) and math.isfinite(
             summary["step_time_ratio_to_sds_mean"]
         )
+        assert math.isfinite(summary["mean_iou_over_run"]) and math.isfinite(summary["efficiency"])
+    # the scheme's keys reached the guidance: its variance monitor sees 4 draws per step, not 1
+    assert runs["ssd-n4-strat-pairs"]["noise"] == {"noise_draws": 4, "t_sampling": "stratified", "antithetic": "pairs"}
+    assert runs["sds"]["noise"] == {"noise_draws": 1, "t_sampling": "uniform", "antithetic": "none"}
+    assert runs["ssd-n4-strat-pairs"]["variance_monitor"][1]["ratio"] < 1.0
     assert saved["summary"]["arms"]["sds"]["step_time_ratio_to_sds_mean"] == 1.0
     # --summarize-only rebuilds the same summary from the records in the work dir, running nothing
     again = bench.main(
         [
             "--quick",
             "--summarize-only",
+            "--arms",
+            ",".join(arms),
             "--out",
             str(tmp_path / "again"),
             "--work-dir",
