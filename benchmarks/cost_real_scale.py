@@ -1,5 +1,5 @@
 """Per-step time and peak memory of SDS, SSD (full and preview baseline decoder) and VSD with the
-real Stable Diffusion 2.1-base and DPT-Hybrid (MiDaS v3) architectures at 512 px (issue 6, item 5).
+real Stable Diffusion 2.1-base and DPT-Hybrid (MiDaS v3) architectures at 512 px.
 
 One *step* of each arm, batch 1, on a 512 px render that carries the gradient (the 3-D model's own
 render, backward and optimiser are the same for every arm and are left out):

@@ -260,3 +260,20 @@ def test_noise_schemes_reach_the_estimator_and_their_state_is_checkpointed(three
     resumed = lcss_guidance(threestudio_ts, models, **{**steps, "seed": 77})
     resumed.load_state_dict(first.state_dict())
     torch.testing.assert_close(resumed(rgb, pu, **CAMERA)["loss_ssd"], first(rgb, pu, **CAMERA)["loss_ssd"])
+
+
+def test_every_estimator_setting_is_a_guidance_key_or_derived(threestudio_ts):
+    """The guidance builds ``DistillationConfig`` from its own keys of the same names: every field is
+    such a key, derived from the guidance's keys, or deliberately left at its default -- a new
+    estimator setting fails here until it is placed in one of the three."""
+    import dataclasses
+
+    from threestudio_ssd.distillation import DistillationConfig
+    from threestudio_ssd.threestudio import guidance as module
+
+    fields = {f.name for f in dataclasses.fields(DistillationConfig)}
+    shared, derived, defaults = set(module.SHARED_KEYS), set(module.DERIVED_KEYS), set(module.ESTIMATOR_DEFAULTS)
+    assert shared | derived | defaults == fields and not (derived & defaults)
+    keys = {f.name for f in dataclasses.fields(module.SteinScoreDistillationGuidance.Config)}
+    assert shared <= keys, sorted(shared - keys)
+    assert not (keys & defaults), sorted(keys & defaults)  # a guidance key would be silently ignored

@@ -217,6 +217,11 @@ class Baseline(abc.ABC):
         """Move any network the baseline holds (no-op by default)."""
         return self
 
+    def statistics(self, phi_mean: float) -> dict[str, float]:
+        """Baseline-specific numbers to log, from the step's mean ``phi`` over valid samples (none by
+        default; the generic ``phi_mean/<name>`` and ``valid_frac/<name>`` are logged for every baseline)."""
+        return {}
+
 
 _REGISTRY: dict[str, type[Baseline]] = {}
 

@@ -94,6 +94,10 @@ class DepthBaseline(_EstimatorBaseline):
         r, valid = masked_pearson(self.estimated_disparity(image), target, mask, min_pixels=self.min_pixels)
         return BaselineOutput(phi=torch.where(valid, 1.0 - r, torch.ones_like(r)), valid=valid)
 
+    def statistics(self, phi_mean: float) -> dict[str, float]:
+        """``depth_corr``: the mean Pearson correlation of estimated and rendered disparity."""
+        return {"depth_corr": 1.0 - phi_mean}
+
 
 @register_baseline("normal")
 class NormalBaseline(_EstimatorBaseline):

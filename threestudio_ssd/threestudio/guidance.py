@@ -31,6 +31,7 @@ and baselines live in a non-module container, out of the state dict and the opti
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ GEOMETRIC_BASELINES = ("depth", "normal")  # need a depth estimator and the rend
 MIN_RENDER_FRACTION = 0.5
 #: the keys of the guidance's checkpointed extra state (``get_extra_state``)
 EXTRA_STATE_KEYS = ("generator", "distillation")
+#: ``DistillationConfig`` fields the guidance derives from its own keys instead of exposing them
+DERIVED_KEYS = ("include_constant", "weighting", "grad_clip", "vsd_seed")
+#: ``DistillationConfig`` fields left at their defaults (internal to the estimator and its logging)
+ESTIMATOR_DEFAULTS = ("mu_ema", "resize_render", "stats_ema")
 
 
 def _first_view(value: Any) -> Any:
@@ -107,6 +112,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         noise_draws: int = 1
         t_sampling: str = "uniform"
         antithetic: str = "none"
+        linear_cv: bool = False  # SSD: add the linearisation control variate (ssd_math.md section 6)
         # VSD only (threestudio_ssd.vsd.ParticleScoreModel): camera guidance of the particle model
         # (1: camera-conditioned only), share of its training samples with the null camera, LoRA
         # rank (null: full fine-tune of the copy), camera-MLP width, seed of its training noise (checkpointed)
@@ -153,7 +159,7 @@ class SteinScoreDistillationGuidance(BaseModule):
             )
         if cfg.estimator == "ssd" and not cfg.baselines:
             raise _config_error("baselines", "SSD needs at least one baseline (e.g. [constant, depth])")
-        if self._uses_estimator() and not cfg.depth_estimator_path:
+        if self._needs_depth_network() and not cfg.depth_estimator_path:
             raise _config_error(
                 "depth_estimator_path",
                 f"baselines {[b for b in cfg.baselines if b in GEOMETRIC_BASELINES]} need a monocular "
@@ -175,7 +181,7 @@ class SteinScoreDistillationGuidance(BaseModule):
                     "prior_path", f"{cfg.prior_path!r} is not a folder (an lcss_prior export)"
                 )
 
-    def _uses_estimator(self) -> bool:
+    def _needs_depth_network(self) -> bool:
         return self.cfg.estimator == "ssd" and any(b in GEOMETRIC_BASELINES for b in self.cfg.baselines)
 
     def _build_score_model(self):
@@ -199,7 +205,7 @@ class SteinScoreDistillationGuidance(BaseModule):
         if cfg.estimator != "ssd":  # SDS and VSD use no baselines (guidance.baselines is ignored)
             return []
         estimator = None
-        if self._uses_estimator():
+        if self._needs_depth_network():
             from threestudio_ssd.depth import load_depth_estimator
 
             try:
@@ -216,28 +222,19 @@ class SteinScoreDistillationGuidance(BaseModule):
         ]
 
     def _distillation_config(self) -> DistillationConfig:
+        """The estimator's settings: every ``DistillationConfig`` field that is also a guidance key
+        (the same name and meaning) is taken as it is; the rest is derived here (``DERIVED_KEYS``)
+        or keeps ``DistillationConfig``'s default (``ESTIMATOR_DEFAULTS``)."""
         cfg = self.cfg
+        derived = {
+            "include_constant": "constant" in cfg.baselines or cfg.estimator == "sds",
+            "weighting": cfg.weighting_strategy,
+            "grad_clip": None,  # set per step by update_step (schedulable)
+            "vsd_seed": int(cfg.vsd_seed) + self.rank,
+        }
+        shared = {name: getattr(cfg, name) for name in SHARED_KEYS}
         try:
-            return DistillationConfig(
-                estimator=cfg.estimator,
-                include_constant="constant" in cfg.baselines or cfg.estimator == "sds",
-                mu_shape=cfg.mu_shape,
-                mu_mode=cfg.mu_mode,
-                mu_init=cfg.mu_init,
-                mu_t_bins=cfg.mu_t_bins,
-                guidance_scale=float(cfg.guidance_scale),
-                weighting=cfg.weighting_strategy,
-                grad_clip=None,  # set per step by update_step (schedulable)
-                baseline_decoder=cfg.baseline_decoder,
-                vsd_guidance_scale=float(cfg.vsd_guidance_scale),
-                vsd_camera_dropout=float(cfg.vsd_camera_dropout),
-                vsd_lora_rank=cfg.vsd_lora_rank,
-                vsd_camera_hidden_dim=int(cfg.vsd_camera_hidden_dim),
-                vsd_seed=int(cfg.vsd_seed) + self.rank,
-                noise_draws=cfg.noise_draws,
-                t_sampling=cfg.t_sampling,
-                antithetic=cfg.antithetic,
-            )
+            return DistillationConfig(**shared, **derived)
         except ValueError as err:  # names DistillationConfig.<key>; ours are the same but for weighting
             raise ValueError(f"guidance: {err} (weighting is guidance.weighting_strategy)") from err
 
@@ -464,3 +461,13 @@ class SteinScoreDistillationGuidance(BaseModule):
             for key, value in (("depth", depth), ("opacity", opacity), ("comp_normal", comp_normal))
         }
         return RenderOutputs.from_threestudio(out, {"c2w": c2w, "fovy": fovy})
+
+
+#: ``DistillationConfig`` fields that are guidance keys of the same name and meaning (all the others
+#: are in ``DERIVED_KEYS`` or ``ESTIMATOR_DEFAULTS``; tests/integration/test_guidance.py keeps the
+#: three lists complete, so that a new estimator setting cannot be forgotten here)
+SHARED_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(DistillationConfig)
+    if f.name not in DERIVED_KEYS + ESTIMATOR_DEFAULTS
+)
