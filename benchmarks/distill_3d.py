@@ -81,6 +81,7 @@ SCHEMES = {
     "n8-strat-pairs": [f"{_G}noise_draws=8", f"{_G}t_sampling=stratified", f"{_G}antithetic=pairs"],
     "golden": [f"{_G}t_sampling=golden"],
     "golden-steps": [f"{_G}t_sampling=golden", f"{_G}antithetic=steps"],
+    "n4-golden": [f"{_G}noise_draws=4", f"{_G}t_sampling=golden"],
 }
 """Noise schemes of ``DistillationConfig`` (``noise_draws``, ``t_sampling``, ``antithetic``)."""
 SCHEME_ARMS = {

@@ -66,12 +66,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "sds-n8-strat-pairs": {**_SDS, "noise_draws": 8, "t_sampling": "stratified", "antithetic": "pairs"},
     "sds-golden": {**_SDS, "t_sampling": "golden"},
     "sds-golden-steps": {**_SDS, "t_sampling": "golden", "antithetic": "steps"},
+    "sds-n4-golden": {**_SDS, "noise_draws": 4, "t_sampling": "golden"},
     "const-optimal-bins": {**_SSD, "depth": False},
+    "const-optimal-pixel-bins": {**_SSD, "depth": False, "mu_shape": "pixel"},
+    "const-linear-optimal-bins": {**_SSD, "depth": False, "linear_cv": True},
     "ssd-optimal-bins": {**_SSD, "depth": True},
     "paper-optimal-bins": {**_SSD, "depth": True, "include_constant": False, "mu_init": 1.0},
 }
-"""Arm -> ``DistillationConfig`` fields (``depth``: the depth baseline; ``*-bins``: ``mu`` per t bin)."""
-SEQUENCE_ARMS = ("sds", "sds-golden", "sds-golden-steps")
+"""Arm -> ``DistillationConfig`` fields (``depth``: the depth baseline; ``*-bins``: ``mu`` per t bin;
+``*-pixel-*``: one weight per pixel and bin, the cheap per-pixel, per-t reference; ``*-linear-*``: the
+linearisation control variate, ``linear_cv``)."""
+SEQUENCE_ARMS = ("sds", "sds-golden", "sds-golden-steps", "sds-n4-golden")
 """Arms whose ``m_hat`` is measured by running sequences (``sds`` checks the iid formula)."""
 RENDERS = ("start", "halfway", "target")
 LINEAR_DELTA = 0.01
@@ -229,7 +234,7 @@ def variance_split(score_model, rgb, label, s: Settings, seed: int) -> dict[str,
     ``--split-draws`` pairs ``(t, eps)``, ``(t, -eps)`` (law of total variance; the odd and even
     parts of a draw are uncorrelated by the symmetry of ``eps``)."""
     from threestudio_ssd.distillation import ScoreDistillation
-    from threestudio_ssd.stein import between_timestep_variance
+    from threestudio_ssd.stein import between_timestep_variance, timestep_bin
 
     pairs = ScoreDistillation(score_model, estimator="sds", guidance_scale=s.guidance_scale)
     k, g = s.split_draws, torch.Generator().manual_seed(seed)
@@ -251,6 +256,17 @@ def variance_split(score_model, rgb, label, s: Settings, seed: int) -> dict[str,
         behind = score_model.eps(score_model.add_noise(x0, -delta * eps, t), t, cond, s.guidance_scale)
     linear = w * ((ahead - behind) / (2 * delta) - eps)
     after_linear = between_timestep_variance(plus - linear, t, n_bins)
+    # with the best weight per t bin (in-sample least squares: one number per bin, an optimistic
+    # but close estimate of what optimal per-t weights reach)
+    bins = timestep_bin(t, n_bins)
+    flat_plus, flat_lin = plus.flatten(1).double(), linear.flatten(1).double()
+    weight = torch.zeros(k, dtype=torch.float64)
+    for b in bins.unique():
+        sel = bins == b
+        centred_p = flat_plus[sel] - flat_plus[sel].mean(0)
+        centred_l = flat_lin[sel] - flat_lin[sel].mean(0)
+        weight[sel] = (centred_p * centred_l).sum() / centred_l.pow(2).sum().clamp_min(1e-30)
+    after_best = between_timestep_variance(plus - weight.view(-1, 1, 1, 1).to(plus) * linear, t, n_bins)
     return {
         "var_sds": total,
         "between_share": split.between / total,
@@ -258,6 +274,7 @@ def variance_split(score_model, rgb, label, s: Settings, seed: int) -> dict[str,
         "even_within_share": split.within / total,
         "linear_share": variance_with_error(linear)[0] / total,
         "within_after_linear_share": after_linear.within / total,
+        "within_after_best_linear_share": after_best.within / total,
         "bins": n_bins,
     }
 
@@ -280,9 +297,9 @@ def step_times(dists: dict[str, Any], rgb, label, render, reps: int) -> dict[str
 
 
 def score_calls(dist) -> float:
-    """Score-model calls per step (each draw one guided call; the depth arms' decode and depth
-    network are not counted here -- their wall time is)."""
-    return float(dist.config.noise_draws)
+    """Score-model calls per step (each draw one guided call, three with the linearisation control
+    variate; the depth arms' decode and depth network are not counted here -- their wall time is)."""
+    return float(dist.config.noise_draws * (3 if dist.config.linear_cv else 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +412,14 @@ def summarise(s: Settings, results: list[dict[str, Any]]) -> dict[str, Any]:
     splits = [row["split"] for row in results]
     summary_split = {
         key: statistics.fmean(sp[key] for sp in splits)
-        for key in ("between_share", "odd_share", "even_within_share", "linear_share", "within_after_linear_share")
+        for key in (
+            "between_share",
+            "odd_share",
+            "even_within_share",
+            "linear_share",
+            "within_after_linear_share",
+            "within_after_best_linear_share",
+        )
     }
     checks = [d["sds"]["mhat_iid_check"] for d in derived if "mhat_iid_check" in d["sds"]]
     return {
@@ -409,8 +433,13 @@ def summarise(s: Settings, results: list[dict[str, Any]]) -> dict[str, Any]:
 def write_outputs(s: Settings, results, out: Path, prior_name: str, depth_name: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(s, results)
+    from threestudio_ssd.shipped import repo_relative
+
+    settings = asdict(s)
+    for key in ("prior", "depth_model"):  # no path of this machine in a result
+        settings[key] = repo_relative(settings[key]) if settings[key] and not s.quick else None
     data = {
-        "settings": asdict(s),
+        "settings": settings,
         "prior": prior_name,
         "depth_model": depth_name,
         "quick_mode_random_models": s.quick,
@@ -457,7 +486,8 @@ def write_markdown(s: Settings, summary, results, path: Path, prior_name: str) -
         f"odd in eps within t {sp['odd_share']:.3f}, even within t {sp['even_within_share']:.3f}; "
         f"the part linear in eps (w (sigma J(alpha x0) eps - eps), what a linearisation control "
         f"variate removes) {sp['linear_share']:.3f}, within-t variance left after removing it "
-        f"{sp['within_after_linear_share']:.3f} (an antithetic pair leaves {sp['even_within_share']:.3f}). "
+        f"{sp['within_after_linear_share']:.3f} with weight 1, {sp['within_after_best_linear_share']:.3f} with the "
+        f"best weight per t bin (an antithetic pair leaves {sp['even_within_share']:.3f}). "
         f"Check of the iid m_hat formula on SDS (measured / predicted): "
         f"{', '.join(f'{c:.2f}' for c in summary['sds_mhat_iid_check'])}.",
         "",

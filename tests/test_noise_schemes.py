@@ -318,3 +318,61 @@ def test_schedule_state_is_plain_and_validated(prior):
     with pytest.raises(ValueError, match="'schedule' lacks"):
         dist.load_resume_state({**dist.resume_state(), "schedule": {"golden_step": 3}})
     assert math.isclose(GOLDEN, 0.6180339887498949)
+
+
+# ---------------------------------------------------------------------------------------------
+# the linearisation control variate
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_linear_cv_keeps_the_sds_mean(prior, x0, constant):
+    """SSD with the linearisation control variate, fixed weights away from SDS's, has the analytic
+    SDS mean (with and without the constant cv)."""
+    init = [0.6, 0.5] if constant else [0.8]
+    dist = ScoreDistillation(prior, estimator="ssd", linear_cv=True, include_constant=constant, mu_init=init)
+    assert dist.mu.n_cv == len(init)
+    est = dist.estimate_variance(
+        x0, None, n_draws=4000, generator=gen(29), t_range=T_RANGE, batch_size=1000, rgb_as_latents=True
+    )
+    ok, p = has_sds_mean(prior, x0, est.ssd)
+    assert ok, f"linear cv (constant={constant}): mean differs from the analytic SDS mean (p = {p:.2e})"
+
+
+@pytest.fixture(scope="module")
+def nonlinear_prior(tmp_path_factory):
+    from threestudio_ssd.score_models import LCSSPriorScoreModel
+    from threestudio_ssd.testing import make_tiny_prior
+
+    return LCSSPriorScoreModel(make_tiny_prior(tmp_path_factory.mktemp("prior") / "p", resolution=4))
+
+
+def test_linear_cv_is_zero_mean_and_the_jacobian_at_x_t_is_flagged(nonlinear_prior):
+    """On a nonlinear (random network) prior the central difference at ``alpha x0`` has mean zero;
+    the same difference taken around ``x_t`` (the Jacobian at the noisy point, which depends on
+    ``eps``) does not, and the same check says so."""
+    sm, n = nonlinear_prior, 3000
+    dist = ScoreDistillation(sm, estimator="ssd", linear_cv=True, guidance_scale=1.0)
+    g = gen(31)
+    x0 = (2 * torch.rand(1, 3, 4, 4, generator=g) - 1).expand(n, -1, -1, -1)
+    t, eps = torch.full((n,), 0.8), torch.randn(n, 3, 4, 4, generator=g)
+    cond = torch.zeros(n, dtype=torch.long)
+    h = dist._linear_cv(x0, t, eps, cond)
+    p = hotelling_p_value(h)
+    assert p > FALSE_ALARM, f"linear cv not zero-mean (p = {p:.2e})"
+    from threestudio_ssd.distillation import LINEAR_CV_STEP as d
+
+    x_t = sm.add_noise(x0, eps, t)
+    step = (d * sm.sigma(t)).view(-1, 1, 1, 1) * eps
+    at_x_t = (sm.eps(x_t + step, t, cond, 1.0) - sm.eps(x_t - step, t, cond, 1.0)) / (2 * d)
+    p = hotelling_p_value(at_x_t)
+    assert p < FALSE_ALARM, f"the Jacobian at x_t not flagged as biased (p = {p:.2e})"
+
+
+def test_linear_cv_settings_are_checked(prior):
+    from threestudio_ssd.distillation import DistillationConfig
+
+    with pytest.raises(ValueError, match="linear_cv is a control variate of estimator='ssd'"):
+        DistillationConfig(estimator="sds", linear_cv=True)
+    # the linear cv alone is a valid SSD (no baseline, no constant)
+    assert ScoreDistillation(prior, estimator="ssd", include_constant=False, linear_cv=True).mu.n_cv == 1

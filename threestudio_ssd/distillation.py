@@ -71,6 +71,8 @@ T_SAMPLINGS = ("uniform", "stratified", "golden")
 ANTITHETIC = ("none", "pairs", "steps")
 #: 1 / golden ratio: the additive recurrence ``u_k = frac(u_0 + k * GOLDEN)`` spreads ``u`` evenly
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+#: relative step ``d`` of the linearisation control variate's central difference
+LINEAR_CV_STEP = 0.01
 WEIGHTINGS = ("sds", "uniform")
 RESIZE_RENDER = ("image", "render")
 BASELINE_DECODERS = ("full", "preview")
@@ -119,6 +121,10 @@ class DistillationConfig:
             order) or ``"golden"`` (low discrepancy ACROSS steps: render slot ``b`` uses
             ``u_k = frac(u_0[b] + k / phi)`` at its ``k``-th step, ``u_0`` uniform, drawn once; a
             render's several draws sit at ``frac(u_k + j / m)``).
+        linear_cv: SSD: add the linearisation control variate ``h_lin = (eps_hat(alpha x0 + d sigma
+            eps) - eps_hat(alpha x0 - d sigma eps)) / 2d`` (``~ sigma J(alpha x0) eps``, ``d =
+            LINEAR_CV_STEP``) with its own weight: odd in ``eps``, so exactly zero-mean for any ``d``;
+            two more score-model calls per draw (docs/ssd_math.md section 6).
         antithetic: ``"none"``; ``"pairs"``: a render's draws come in pairs ``(t, eps)``,
             ``(t, -eps)`` (``noise_draws`` even), which cancels every part of the gradient that is
             odd in ``eps`` (``-eps`` itself included); ``"steps"``: every second step reuses the
@@ -148,6 +154,7 @@ class DistillationConfig:
     noise_draws: int = 1
     t_sampling: str = "uniform"
     antithetic: str = "none"
+    linear_cv: bool = False
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -182,6 +189,10 @@ class DistillationConfig:
             raise ValueError(
                 "DistillationConfig.antithetic='steps' with mu_mode='learned': the optimiser would step mu "
                 "on eps before mu weights -eps (biased); use mu_mode='optimal' or antithetic='pairs'"
+            )
+        if self.linear_cv and self.estimator != "ssd":
+            raise ValueError(
+                f"DistillationConfig.linear_cv is a control variate of estimator='ssd', got {self.estimator!r}"
             )
         if self.vsd_lora_rank is not None and not self.vsd_lora_rank >= 1:
             raise ValueError(
@@ -299,8 +310,10 @@ class ScoreDistillation(nn.Module):
                 "use estimator='ssd'"
             )
         if config.estimator == "ssd":
-            if not baselines and not config.include_constant:
-                raise ValueError("estimator='ssd' with include_constant=False needs at least one baseline")
+            if not baselines and not config.include_constant and not config.linear_cv:
+                raise ValueError(
+                    "estimator='ssd' with include_constant=False needs at least one baseline (or linear_cv)"
+                )
             if config.include_constant and any(isinstance(b, ConstantBaseline) for b in baselines):
                 raise ValueError(
                     "the constant baseline is already included (include_constant=True); remove 'constant' "
@@ -311,7 +324,7 @@ class ScoreDistillation(nn.Module):
         self.mu: ControlVariateWeight | None = None
         if config.estimator == "ssd":
             self.mu = ControlVariateWeight(
-                n_cv=len(baselines) + int(config.include_constant),
+                n_cv=len(baselines) + int(config.include_constant) + int(config.linear_cv),
                 shape=config.mu_shape,
                 channels=score_model.channels,
                 resolution=score_model.resolution,
@@ -692,13 +705,18 @@ class ScoreDistillation(nn.Module):
         if self.particle is not None:
             # VSD: the particle prediction takes the place of the control variates, with weight 1
             cvs = self.particle.eps(x_t, t, cond, camera)[:, None]
-        elif self.config.estimator == "sds" or not self.baselines:
+        elif self.config.estimator == "sds" or not (self.baselines or self.config.linear_cv):
             cvs = eps[:, None]
         else:
-            phis, grads, valid = self._evaluate_baselines(x_t, render)
-            cvs, fallback = control_variates(
-                eps, phis, grads, sm.sigma(t), self.config.include_constant, valid, return_fallback=True
-            )
+            if self.baselines:
+                phis, grads, valid = self._evaluate_baselines(x_t, render)
+                cvs, fallback = control_variates(
+                    eps, phis, grads, sm.sigma(t), self.config.include_constant, valid, return_fallback=True
+                )
+            else:
+                cvs = eps[:, None] if self.config.include_constant else eps[:, None][:, :0]
+            if self.config.linear_cv:
+                cvs = torch.cat([cvs, self._linear_cv(x0, t, eps, cond)[:, None]], dim=1)
         mu = (
             self.mu(t)
             if self.mu is not None
@@ -707,6 +725,16 @@ class ScoreDistillation(nn.Module):
         grad = stein_gradient(eps_hat, cvs, weight, mu)
         sds = sds_gradient(eps_hat, eps, weight)
         return _Step(grad, sds, eps_hat, cvs, weight, phis, valid, fallback)
+
+    @torch.no_grad()
+    def _linear_cv(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any) -> Tensor:
+        """``(eps_hat(alpha x0 + d sigma eps) - eps_hat(alpha x0 - d sigma eps)) / 2d``, the central
+        difference for ``sigma J(alpha x0) eps``: odd in ``eps``, hence zero-mean (``J`` taken at
+        ``x_t`` instead would depend on ``eps`` and is not)."""
+        sm, d, s = self.score_model, LINEAR_CV_STEP, self.config.guidance_scale
+        ahead = sm.eps(sm.add_noise(x0, d * eps, t), t, cond, s)
+        behind = sm.eps(sm.add_noise(x0, -d * eps, t), t, cond, s)
+        return (ahead - behind) / (2 * d)
 
     def _evaluate_baselines(self, x_t: Tensor, render: RenderOutputs | None) -> tuple[Tensor, Tensor, Tensor]:
         """``phi_k(x_t)`` of every baseline on one shared decode, their exact gradients w.r.t.
@@ -740,13 +768,12 @@ class ScoreDistillation(nn.Module):
         stats: dict[str, float] = {"grad_norm": grad.norm().item()}
         if step.phis is not None:
             ok = ~step.fallback
-            for k, name in enumerate(self.baseline_names):
+            for k, (name, baseline) in enumerate(zip(self.baseline_names, self.baselines, strict=True)):
                 n_ok = ok[:, k].sum()
                 mean = (step.phis[:, k] * ok[:, k]).sum() / n_ok if n_ok > 0 else torch.tensor(math.nan)
                 stats[f"phi_mean/{name}"] = mean.item()
                 stats[f"valid_frac/{name}"] = ok[:, k].float().mean().item()
-            if "depth" in self.baseline_names:
-                stats["depth_corr"] = 1.0 - stats["phi_mean/depth"]
+                stats.update(baseline.statistics(mean.item()))
             stats["n_fallback"] = float(step.fallback.sum().item())
         else:
             stats["n_fallback"] = 0.0
