@@ -334,10 +334,10 @@ def run(s: Settings, out: Path) -> dict[str, Any]:
         }
     )
     with tempfile.TemporaryDirectory() as tmp:
-        score_model, estimator, prior_name, depth_name = v2d.load_models(scene_settings, Path(tmp))
+        score_model, depth_model, prior_name, depth_name = v2d.load_models(scene_settings, Path(tmp))
     label = torch.tensor([score_model.caption_to_label(s.caption)])
     render, true_rgb = v2d.scene(scene_settings, score_model.resolution)
-    depth = build_baseline("depth", estimator=estimator)
+    depth = build_baseline("depth", estimator=depth_model)
     results: list[dict[str, Any]] = []
     cases = [(seed, r) for seed in s.seeds for r in s.renders]
     for seed, rname in tqdm(cases, desc="efficiency_2d", unit="render"):

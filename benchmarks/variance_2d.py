@@ -269,10 +269,10 @@ def run(s: Settings, out_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(s.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        score_model, estimator, prior_dir, depth_dir = load_models(s, Path(tmp))
+        score_model, depth_model, prior_dir, depth_dir = load_models(s, Path(tmp))
     label = torch.tensor([score_model.caption_to_label(s.caption)])
     render, true_rgb = scene(s, score_model.resolution)
-    depth = build_baseline("depth", estimator=estimator)
+    depth = build_baseline("depth", estimator=depth_model)
 
     init = 0.3 * torch.randn(1, 3, *score_model.resolution, generator=torch.Generator().manual_seed(s.seed))
     arms: dict[str, dict[str, Any]] = {}

@@ -366,7 +366,7 @@ def check_zero_mean(phi_fn, x0: torch.Tensor, sigma: float, n: int) -> dict[str,
 def depth_net():
     from threestudio_ssd.depth.train import build_model
 
-    return build_model(32, 32, 4, 2, 8, seed=0)  # a random tiny DPT with healthy output scale
+    return build_model(32, hidden_size=32, layers=4, heads=2, patch_size=8, seed=0)  # a random tiny DPT with healthy output scale
 
 
 def test_stein_control_variate_zero_mean_pixel_path(views, depth_net):

@@ -306,7 +306,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     from threestudio_ssd.depth.train import build_model, render_split, scale_shift_invariant_loss
 
     data = render_split(2, 32, seed=0, split="train", supersample=1)
-    est = build_model(32, 16, 4, 2, 8, seed=0)
+    est = build_model(32, hidden_size=16, layers=4, heads=2, patch_size=8, seed=0)
     est.model.requires_grad_(True)
     opt = torch.optim.Adam(est.model.parameters(), lr=1e-3)
     mask = torch.ones_like(data["mask"])
@@ -351,4 +351,4 @@ def test_training_script_rejects_bad_options(tmp_path):
             main(["--output", str(tmp_path), *bad])
     assert not any(tmp_path.iterdir())  # rejected before rendering or writing anything
     with pytest.raises(ValueError, match="multiple of --patch-size"):
-        build_model(30, 32, 4, 2, 8, seed=0)
+        build_model(30, hidden_size=32, layers=4, heads=2, patch_size=8, seed=0)

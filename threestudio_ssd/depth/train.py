@@ -123,7 +123,7 @@ def evaluate(estimator: DepthEstimator, data: dict[str, Tensor], batch_size: int
 
 
 def build_model(
-    resolution: int, hidden_size: int, layers: int, heads: int, patch_size: int, seed: int
+    resolution: int, *, hidden_size: int, layers: int, heads: int, patch_size: int, seed: int
 ) -> DepthEstimator:
     """A randomly initialised tiny DPT (ViT backbone) wrapped with the preprocessing it is saved with:
     input size ``resolution``, mean/std 0.5 (DPT's)."""
@@ -203,7 +203,12 @@ def train(args: argparse.Namespace) -> dict:
         )
     train_data, eval_data = data["train"], data["test"]
     estimator = build_model(
-        args.resolution, args.hidden_size, args.layers, args.heads, args.patch_size, args.seed
+        args.resolution,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        heads=args.heads,
+        patch_size=args.patch_size,
+        seed=args.seed,
     )
     model = estimator.model
     model.requires_grad_(True)  # the wrapper freezes; training unfreezes (no dropout/BN: eval == train)
