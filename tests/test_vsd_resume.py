@@ -179,7 +179,7 @@ def test_resume_state_before_any_step_and_for_other_estimators(prior):
     b = fresh(rgb, LABELS, c2w=cameras(2), generator=gen(2)).loss_vsd_particle
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"'moments' lacks \['sds_sq'\]"):
-        fresh.load_resume_state({"particle_generator": None, "moments": {"steps": 1, "grad_sq": 0.0}})
+        fresh.load_resume_state({**fresh.resume_state(), "moments": {"steps": 1, "grad_sq": 0.0}})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -196,6 +196,10 @@ def test_stable_diffusion_latent_path(threestudio_ts, models):
     out = guidance(rgb, sd_prompt_utils(), **CAMERA, **sphere_render(16, 16))
     assert torch.isfinite(out["loss_ssd"]) and torch.isfinite(out["loss_mu"])
     assert out["n_fallback"] == 0 and out["valid_frac/depth"] == 1.0
+    # min_step / max_step as threestudio's SD guidances log them: integer timesteps
+    steps = guidance.score_model.num_train_timesteps
+    assert (out["min_step"], out["max_step"]) == (int(steps * 0.02), int(steps * 0.98))
+    assert isinstance(out["min_step"], int)
     (out["loss_ssd"] + out["loss_mu"]).backward()
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
     mu = mu_parameter(guidance)

@@ -370,7 +370,8 @@ class SteinScoreDistillationGuidance(BaseModule):
         renderers return them, ``c2w [B, 4, 4]`` and ``fovy`` (radians, in ``kwargs``) from the batch.
         Returns ``loss_ssd`` (the distillation loss of every estimator), ``loss_mu`` (SSD, learned
         ``mu``), ``loss_vsd_particle`` (VSD: the particle model's denoising loss), ``min_step`` /
-        ``max_step`` (the ``t`` range as fractions) and the estimator's statistics (``grad_norm``,
+        ``max_step`` (the ``t`` range: threestudio's integer timesteps for Stable Diffusion, the continuous
+        ``t`` for a pixel prior) and the estimator's statistics (``grad_norm``,
         ``phi_mean/<baseline>``, ``depth_corr``, ``mu/...``, ``n_fallback``, ``var_proxy_ratio``, ...)."""
         self._check_unsupported(prompt_utils, kwargs)
         x = rgb.permute(0, 3, 1, 2).float()  # an autocast render may be fp16/bf16; the cast keeps its graph
@@ -389,7 +390,11 @@ class SteinScoreDistillationGuidance(BaseModule):
                 rgb_as_latents=rgb_as_latents,
                 c2w=c2w if self.cfg.estimator == "vsd" else None,
             )
-        result: dict[str, Any] = {"loss_ssd": out.loss, "min_step": self.min_t, "max_step": self.max_t}
+        result: dict[str, Any] = {
+            "loss_ssd": out.loss,
+            "min_step": self._as_step(self.min_t),
+            "max_step": self._as_step(self.max_t),
+        }
         result.update(out.stats)
         if out.loss_mu is not None:
             result["loss_mu"] = out.loss_mu
@@ -441,6 +446,13 @@ class SteinScoreDistillationGuidance(BaseModule):
                 rgb_as_latents=rgb_as_latents,
                 c2w=first(c2w) if self.cfg.estimator == "vsd" else None,
             )
+
+    def _as_step(self, t: float) -> int | float:
+        """``t`` as threestudio logs ``min_step``/``max_step``: the discrete timestep
+        ``int(num_train_timesteps * t)`` of a Stable Diffusion prior (its guidances' convention); the
+        continuous ``t`` itself for a pixel prior, which has no timestep index."""
+        steps = getattr(self.score_model, "num_train_timesteps", None)
+        return int(steps * t) if steps is not None else t
 
     def _no_autocast(self):
         """The step runs in the models' own dtypes whatever the trainer's precision: under
