@@ -491,7 +491,7 @@ def write_markdown(s: Settings, summary, results, path: Path, prior_name: str) -
         f"Check of the iid m_hat formula on SDS (measured / predicted): "
         f"{', '.join(f'{c:.2f}' for c in summary['sds_mhat_iid_check'])}.",
         "",
-        "Figure: `efficiency_2d/efficiency.png`; numbers: `efficiency_2d/efficiency_2d.json`.",
+        f"Figure: `{path.stem}/efficiency.png`; numbers: `{path.stem}/efficiency_2d.json`.",
     ]
     path.write_text("\n".join(lines) + "\n")
 
