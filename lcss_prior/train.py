@@ -27,6 +27,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,15 @@ class TrainConfig:
             raise ConfigError(
                 f"--smoothing must be < 1 for LCSS, got {self.smoothing!r}: at c >= 1 the smoothed objective "
                 "is unbounded below (docs/lcss_math.md section 4); keep c^4 D / 2 << 1 (default 0.01)"
+            )
+        if self.method == "lcss" and str(self.precision).startswith("bf16"):
+            raise ConfigError(
+                f"--precision {self.precision} with --method lcss: LCSS's Stein term divides the difference of two "
+                "network outputs (about 1% apart at --smoothing 0.01) by the radius, and bfloat16 rounds each "
+                "output to about 0.4%; measured on the shipped shapes prior (benchmarks/lcss_precision.py), the "
+                "parameter gradient's error is 0.7-1.1x its own sampling noise (cosine 0.52-0.62 to float32's; "
+                "DSM's under bf16: 0.06-0.07x, cosine 0.99+). Use --precision 32-true or 16-mixed (0.1-0.2x, "
+                "cosine 0.96-0.98), or --method dsm"
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema_decay!r}")
@@ -414,6 +424,7 @@ class PriorTrainingModule(pl.LightningModule):
         )
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
         self.loss_fn = build_loss(self.sde, cfg)
+        self.skipped_overflow_steps = 0  # float16 overflows the loss scaler skipped
         self.data_info = dict(data_info)
         self.dataset: Any = None  # attached by ``train``; not part of the checkpoint
         self._t_last: float | None = None
@@ -465,9 +476,23 @@ class PriorTrainingModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
 
+    def _gradient_scaler(self) -> Any:
+        """The float16 loss scaler of ``--precision 16-mixed`` (``None`` for every other precision)."""
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        return getattr(plugin, "scaler", None)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        if not torch.isfinite(norm) and self._gradient_scaler() is not None:
+            # a float16 overflow: the scaler skips this step and lowers its scale (recoverable)
+            self.skipped_overflow_steps += 1
+            warnings.warn(
+                f"float16 gradient overflow at step {self.global_step}: the loss scaler skips this step "
+                f"({self.skipped_overflow_steps} skipped so far) and lowers its scale",
+                stacklevel=2,
+            )
+            return
         if not torch.isfinite(norm):
             # before clipping and the step: the weights and the EMA are still those of the last step
             # (under DDP the gradients are already averaged, so every rank stops here together)

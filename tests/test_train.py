@@ -23,6 +23,7 @@ from lcss_prior.export import load_prior
 from lcss_prior.sde import build_sde
 from lcss_prior.train import (
     AtomicCheckpointIO,
+    ConfigError,
     StepBatches,
     TrainConfig,
     build_loss,
@@ -397,3 +398,31 @@ def test_orphaned_checkpoint_temporaries_are_removed(tmp_path):
     live.write_bytes(b"being written")
     assert remove_orphaned_checkpoint_files(tmp_path) == [orphan]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name])
+
+
+def test_lcss_refuses_bfloat16_with_the_measured_reason(tmp_path, capsys):
+    """bf16 rounds LCSS's small output difference to noise (benchmarks/lcss_precision.py): refused by
+    name before anything is written; DSM under bf16 is allowed."""
+    with pytest.raises(ConfigError, match="--precision bf16-mixed with --method lcss.*0.7-1.1x"):
+        TrainConfig(method="lcss", precision="bf16-mixed").resolved().validate()
+    TrainConfig(method="dsm", precision="bf16-mixed").resolved().validate()
+    TrainConfig(method="lcss", precision="16-mixed").resolved().validate()
+
+
+def test_a_float16_overflow_is_skipped_not_fatal(monkeypatch):
+    """With a loss scaler (``--precision 16-mixed``) non-finite gradients are the scaler's recoverable
+    overflow: the hook warns and lets the scaler skip the step; without one they stop the run."""
+    from lcss_prior.train import PriorTrainingModule
+
+    cfg = TrainConfig(block_out_channels=[8, 16], layers_per_block=1).resolved()
+    info = {"captions": ["a", "b"], "channels": 1, "resolution": 8, "n_levels": 17}
+    module = PriorTrainingModule(cfg.__dict__, info)
+    for p in module.net.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    monkeypatch.setattr(PriorTrainingModule, "_gradient_scaler", lambda self: object())
+    with pytest.warns(UserWarning, match="float16 gradient overflow at step 0"):
+        module.on_before_optimizer_step(None)
+    assert module.skipped_overflow_steps == 1
+    monkeypatch.setattr(PriorTrainingModule, "_gradient_scaler", lambda self: None)
+    with pytest.raises(FloatingPointError, match="non-finite gradients at step 0"):
+        module.on_before_optimizer_step(None)
