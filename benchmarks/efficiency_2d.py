@@ -38,7 +38,6 @@ Renders (per seed): ``start`` (the playground's initial image ``sigmoid(0.3 N(0,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -107,11 +106,9 @@ class Settings:
 
 def _variance_2d():
     """``benchmarks/variance_2d.py`` as a module (its model loading and scene)."""
-    spec = importlib.util.spec_from_file_location("variance_2d", REPO / "benchmarks" / "variance_2d.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    from threestudio_ssd.testing import load_script
+
+    return load_script(REPO / "benchmarks" / "variance_2d.py")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path]:

@@ -16,27 +16,23 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from threestudio_ssd.testing import load_script as load_script_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_real_scale.py"
 ROUNDS = 2
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("cost_real_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,20 @@ itself. The numbers themselves are the benchmark's business (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from threestudio_ssd.testing import load_script as load_script_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficiency_2d.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("efficiency_2d", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 def test_quick_run_measures_every_arm(tmp_path):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from threestudio_ssd.testing import load_script as load_script_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "score_matching.py"
 METHODS = ("lcss", "dsm", "ssm", "fdssm")
 
 
 def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_score_matching", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 bench = _load_module()

@@ -4,24 +4,20 @@ finite. The numbers themselves are the benchmark's business, not the test's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from threestudio_ssd.testing import load_script as load_script_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "variance_2d.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("variance_2d", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 def test_quick_run_produces_finite_outputs_for_every_arm(tmp_path):

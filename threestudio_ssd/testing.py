@@ -239,3 +239,20 @@ class GaussianScoreModel(ScoreModel):
         m, s = self.m.double(), self.s.double()
         f = sg**3 * a * (x0.double() - m) / (a**2 * s**2 + sg**2)
         return torch.trapezoid(f, t, dim=0) / (hi - lo)
+
+
+def load_script(path: str | os.PathLike) -> Any:
+    """A script of the repository (e.g. ``benchmarks/variance_2d.py``) imported as the module
+    ``benchmark_<stem>``, registered in ``sys.modules`` (its dataclasses resolve their annotations
+    through it), for tests and for benchmarks that reuse each other."""
+    import importlib.util
+    import sys
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,12 +4,12 @@ markdown) exists with finite numbers. The numbers themselves are the benchmark's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
+
+from threestudio_ssd.testing import load_script as load_script_module
 
 from .conftest import REPO
 
@@ -19,11 +19,7 @@ SCRIPT = REPO / "benchmarks" / "distill_3d.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("distill_3d", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 def test_quick_run_outputs_exist_and_are_finite(threestudio_src, tmp_path, monkeypatch):
