@@ -127,7 +127,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerator", help="cpu, gpu, auto (default auto)")
     g.add_argument("--devices", help="number or list of devices, or auto (default auto)")
     g.add_argument("--num-nodes", type=int, help="number of nodes (default 1)")
-    g.add_argument("--strategy", help="auto, ddp, ddp_spawn, fsdp, ... (default auto)")
+    g.add_argument(
+        "--strategy", help="auto (default) or ddp; sharded (fsdp, deepspeed) and spawning strategies are refused"
+    )
     g.add_argument("--precision", help="32-true (default), bf16-mixed, 16-mixed, ...")
 
 

@@ -98,6 +98,10 @@ LEGACY_DEFAULTS: dict[str, Any] = {"output_scaling": "none"}
 STREAM_PERMUTATION, STREAM_LOSS, STREAM_SAMPLES = 0, 1, 2
 
 
+#: strategy name prefixes refused by ``TrainConfig.validate`` (besides spawning and forking ones)
+UNSUPPORTED_STRATEGIES = ("fsdp", "deepspeed")
+
+
 class ConfigError(ValueError):
     """A bad training setting, found before any training starts."""
 
@@ -190,6 +194,14 @@ class TrainConfig:
             raise ConfigError(
                 f"--smoothing must be < 1 for LCSS, got {self.smoothing!r}: at c >= 1 the smoothed objective "
                 "is unbounded below (docs/lcss_math.md section 4); keep c^4 D / 2 << 1 (default 0.01)"
+            )
+        strategy = str(self.strategy).lower()
+        if strategy.startswith(UNSUPPORTED_STRATEGIES) or any(w in strategy for w in ("spawn", "fork", "notebook")):
+            raise ConfigError(
+                f"--strategy {self.strategy!r} is not supported: sharded strategies (fsdp, deepspeed) split the "
+                "parameters that rank 0 needs whole for the EMA, the sample grids and the export, and spawning "
+                "or forking strategies (ddp_spawn, ddp_fork, ddp_notebook, ...) return no training loop to the launching process (no prior is "
+                "exported); use --strategy ddp (or auto) and launch one process per device"
             )
         if self.method == "lcss" and str(self.precision).startswith("bf16"):
             raise ConfigError(

@@ -426,3 +426,14 @@ def test_a_float16_overflow_is_skipped_not_fatal(monkeypatch):
     monkeypatch.setattr(PriorTrainingModule, "_gradient_scaler", lambda self: None)
     with pytest.raises(FloatingPointError, match="non-finite gradients at step 0"):
         module.on_before_optimizer_step(None)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp_spawn", "deepspeed_stage_2", "ddp_fork", "ddp_notebook"])
+def test_sharded_and_spawning_strategies_are_refused_before_anything_is_written(tmp_path, capsys, strategy):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--out", str(out), "--no-progress", "--strategy", strategy])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--strategy {strategy!r} is not supported" in err and "use --strategy ddp" in err
+    assert not out.exists()
