@@ -376,13 +376,18 @@ class StepCheckpoint(pl.Callback):
         if step % self.every_n_steps != 0 and step < (trainer.max_steps or math.inf):
             return
         bad = [name for name, p in pl_module.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
-        if bad:  # never replace a good checkpoint with a broken one
+        # every decision here is taken by all ranks together (DDP): a rank that raised or skipped a save
+        # alone would leave the others waiting in the next collective call until the timeout
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):  # never replace a good checkpoint
+            bad = bad or ["(on another rank)"]
             raise FloatingPointError(
                 f"non-finite weights at step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
                 f"not saved: {self.dirpath / 'last.ckpt'} still holds the last good step"
             )
         if self.keep_best and self._losses:
-            mean = float(np.mean(self._losses))
+            # the interval's mean loss over all ranks, so that every rank makes the same decision
+            local = torch.tensor(float(np.mean(self._losses)), dtype=torch.float64, device=pl_module.device)
+            mean = float(trainer.strategy.reduce(local, reduce_op="mean"))
             self._losses = []
             if mean < self.best:
                 self.best = mean
@@ -483,10 +488,20 @@ class PriorTrainingModule(pl.LightningModule):
             labels = None
         losses = self.loss_fn(self.net, x0, labels, generator=gen)
         loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {step}")
+        if self._on_any_rank(not bool(torch.isfinite(loss))):  # all ranks stop together
+            raise FloatingPointError(
+                f"non-finite training loss {float(loss)} at step {step}"
+                + ("" if not torch.isfinite(loss) else " on another rank")
+            )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` of this rank, or-ed over all ranks (Lightning's collective boolean reduction), so
+        that a decision to stop is taken by every rank at once; without a trainer, ``flag``."""
+        if self._trainer is None:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     def _gradient_scaler(self) -> Any:
         """The float16 loss scaler of ``--precision 16-mixed`` (``None`` for every other precision)."""

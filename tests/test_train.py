@@ -321,7 +321,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_lightning_flags_reach_the_trainer(tmp_path):
-    cfg = TrainConfig(out_dir=str(tmp_path), accelerator="cpu", devices="2", strategy="ddp_spawn", steps=5)
+    cfg = TrainConfig(out_dir=str(tmp_path), accelerator="cpu", devices="2", strategy="ddp", steps=5)
     trainer = make_trainer(cfg.resolved())
     assert trainer.num_devices == 2 and trainer.max_steps == 5
     assert type(trainer.strategy).__name__ == "DDPStrategy"
@@ -437,3 +437,53 @@ def test_sharded_and_spawning_strategies_are_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert f"--strategy {strategy!r} is not supported" in err and "use --strategy ddp" in err
     assert not out.exists()
+
+
+class _TwoRankStrategy:
+    """What the other rank contributes to Lightning's collective calls, for one process: its mean
+    loss and whether it found a problem."""
+
+    def __init__(self, other_loss: float, other_bad: bool = False) -> None:
+        self.other_loss, self.other_bad, self.calls = other_loss, other_bad, []
+
+    def reduce(self, tensor, reduce_op="mean"):
+        self.calls.append("reduce")
+        return (tensor + self.other_loss) / 2
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        self.calls.append("reduce_boolean_decision")
+        return (decision and self.other_bad) if all else (decision or self.other_bad)
+
+
+def test_keep_best_and_stopping_are_decided_by_all_ranks_together(tmp_path):
+    """Under DDP each rank sees its own losses; keep-best compares the mean over ranks (so every rank
+    saves best.ckpt at the same steps and meets the same barriers), and a problem found on one rank
+    stops every rank (instead of one raising while the others wait in a collective call)."""
+    from types import SimpleNamespace
+
+    from lcss_prior.train import PriorTrainingModule, StepCheckpoint
+
+    cfg = TrainConfig(block_out_channels=[8, 16], layers_per_block=1).resolved()
+    info = {"captions": ["a", "b"], "channels": 1, "resolution": 8, "n_levels": 17}
+    module = PriorTrainingModule(cfg.__dict__, info)
+    saved = []
+    strategy = _TwoRankStrategy(other_loss=1.0)
+    trainer = SimpleNamespace(
+        global_step=1, max_steps=10, strategy=strategy, save_checkpoint=lambda p, **_: saved.append(p.name)
+    )
+    callback = StepCheckpoint(tmp_path, every_n_steps=2, keep_best=True)
+    callback.best = 2.0
+    # this rank's own interval mean (2.5) is worse than the best, the mean over both ranks (1.75) is better
+    callback.on_train_batch_end(trainer, module, {"loss": torch.tensor(2.0)}, None, 0)  # step 1: no save
+    trainer.global_step = 2
+    callback.on_train_batch_end(trainer, module, {"loss": torch.tensor(3.0)}, None, 0)
+    assert saved == ["best.ckpt", "last.ckpt"] and callback.best == pytest.approx(1.75)
+    assert strategy.calls == ["reduce_boolean_decision", "reduce"]
+    # finite weights here, a problem on the other rank: this rank stops too, naming it
+    trainer.global_step, strategy.other_bad = 4, True
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 4 \\(\\(on another rank\\)\\)"):
+        callback.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, 0)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    assert module._on_any_rank(False) is True  # the other rank's non-finite loss stops this one
+    strategy.other_bad = False
+    assert module._on_any_rank(False) is False and module._on_any_rank(True) is True
