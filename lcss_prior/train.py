@@ -496,6 +496,10 @@ class PriorTrainingModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the number of processes the global batch (--batch per device) was split over
+        checkpoint["world_size"] = int(self.trainer.world_size)
+
     def _on_any_rank(self, flag: bool) -> bool:
         """``flag`` of this rank, or-ed over all ranks (Lightning's collective boolean reduction), so
         that a decision to stop is taken by every rank at once; without a trainer, ``flag``."""
@@ -677,6 +681,20 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], dict[str, 
         raise ConfigError(f"{path} is not an lcss-prior training checkpoint: {e}") from e
 
 
+def check_world_size(path: str | Path, world_size: int, cfg: TrainConfig) -> None:
+    """A resumed run must split its steps over as many processes as the saved one: ``--batch``
+    is per device, so other ``--devices``/``--num-nodes`` would silently change the global batch (and
+    the data each step sees). Checkpoints written before the world size was recorded are not checked."""
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("world_size")
+    if saved is not None and int(saved) != int(world_size):
+        raise ConfigError(
+            f"--devices {cfg.devices!r} --num-nodes {cfg.num_nodes!r} give {world_size} process(es), but {path} was "
+            f"trained on {saved}: the global batch would change from {cfg.batch_size * int(saved)} to "
+            f"{cfg.batch_size * world_size} (--batch {cfg.batch_size} is per device); resume with "
+            f"{saved} process(es), or start a new run"
+        )
+
+
 def make_trainer(cfg: TrainConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The Lightning ``Trainer`` of a run; distribution comes from Lightning's own flags."""
     devices: Any = cfg.devices
@@ -800,6 +818,8 @@ def train(cfg: TrainConfig, resume: str | None = None, dataset: Any = None) -> P
     module.dataset = dataset
     check_network(module, cfg)
     trainer = checked_trainer(cfg)
+    if ckpt_path is not None:
+        check_world_size(ckpt_path, trainer.world_size, cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")

@@ -253,6 +253,8 @@ def corrupt_image_folder(root: Path) -> Path:
         ([], "already holds a run"),
         (["--resume", "--method", "dsm"], "differs from the resumed run"),
         (["--resume", "ELSEWHERE"], "does not exist"),
+        # other devices would change the global batch (--batch is per device)
+        (["--resume", "--devices", "2"], "trained on 1: the global batch would change from 8 to 16"),
     ],
 )
 def test_bad_settings_fail_fast_and_keep_checkpoints(runs, tmp_path, capsys, extra, message):
