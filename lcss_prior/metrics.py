@@ -3,9 +3,11 @@
 A feature extractor is any callable ``images [N, C, H, W] in [-1, 1] -> features [N, F]``, or an
 object with such a ``features`` method. Two ship here:
 
-* ``InceptionFeatures`` -- torchvision Inception-v3 pool3 (2048-d) loaded from a LOCAL weights
-  file (``load_inception``). Only with the standard TF-Inception FID weights are numbers
-  comparable with published FIDs; any other weights give FIDs comparable only with each other.
+* ``InceptionFeatures`` -- torchvision Inception-v3 pool3 (2048-d) loaded from a LOCAL torchvision
+  weights file (``load_inception``), fed the network's own input convention (``[-1, 1]``, 299 px).
+  These FIDs are comparable with each other, NOT with published FIDs: those use the TF FID
+  Inception (pytorch-fid's port: other blocks, a 1008-way classifier), which is not implemented
+  here, and whose weights ``load_inception`` refuses by name.
 * ``FeatureClassifier`` -- a small CNN trained on a data set's labels (``train_feature_extractor``,
   ``load_feature_extractor``): in-domain penultimate features for ``shapes`` and ``digits``, and a
   classifier whose accuracy on generated samples measures "recognisable samples of every caption".
@@ -238,21 +240,22 @@ def fid_kid_between_folders(
 # Inception-v3 pool3 features from a local weights file
 # --------------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 class InceptionFeatures(nn.Module):
     """torchvision Inception-v3 up to pool3: images in ``[-1, 1]`` (1 or 3 channels, any size) are
-    mapped to ``[0, 1]``, resized to 299x299 (bilinear), ImageNet-normalised, and embedded as the
-    2048-d average-pooled features."""
+    resized to 299x299 (bilinear) and embedded as the 2048-d average-pooled features.
+
+    Input convention: torchvision's Inception-v3 weights were ported from TensorFlow and expect
+    ``2 rgb - 1``; with ``transform_input=True`` torchvision converts ImageNet-normalised input to
+    that itself. Here the network is built with ``transform_input=False`` and fed ``[-1, 1]``
+    directly: the same numbers, without a normalisation round trip (tests/test_metrics.py checks the
+    equality against torchvision's own path)."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
+        if getattr(network, "transform_input", False):
+            raise ValueError("InceptionFeatures feeds [-1, 1] itself: build the network with transform_input=False")
         network.fc = nn.Identity()
         self.network = network
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -266,14 +269,16 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: Float[Tensor, "N C H W"]) -> Float[Tensor, "N 2048"]:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be [N, 1 or 3, H, W] in [-1, 1], got {tuple(images.shape)}")
-        x = images.to(self.mean.dtype).expand(-1, 3, -1, -1)
-        x = F.interpolate((x + 1.0) / 2.0, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.network((x - self.mean) / self.std)
+        dtype = next(self.network.parameters()).dtype
+        x = images.to(dtype).expand(-1, 3, -1, -1)
+        return self.network(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
 
 
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") -> InceptionFeatures:
     """Inception-v3 pool3 extractor with weights from the LOCAL file ``path`` (a torchvision
-    ``inception_v3`` state dict; auxiliary-classifier keys are ignored). Nothing is downloaded."""
+    ``inception_v3`` state dict; auxiliary-classifier keys are ignored). Nothing is downloaded.
+    pytorch-fid's FID Inception weights (a 1008-way classifier and other blocks) are refused by
+    name: their FIDs would need that network, which is not implemented here."""
     from torchvision.models import inception_v3
 
     path = Path(path)
@@ -286,7 +291,15 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-    network = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    fc = state.get("fc.weight")
+    if isinstance(fc, Tensor) and fc.shape[0] == 1008:
+        raise ValueError(
+            f"{path} holds the TF FID Inception weights (pytorch-fid's port, 1008-way classifier): its blocks "
+            "differ from torchvision's inception_v3 and it is not implemented here, so FIDs comparable with "
+            "published ones are not available; give torchvision inception_v3 weights (FIDs comparable with "
+            "each other) or an in-domain feature classifier"
+        )
+    network = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

@@ -258,6 +258,42 @@ def test_inception_loader_with_random_weights(inception_weights, tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a torchvision inception_v3 state dict"):
         load_inception(tmp_path / "other.pth")
+    state = torch.load(inception_weights, weights_only=True)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception-2015-12-05.pth")
+    with pytest.raises(ValueError, match="TF FID Inception weights .*not implemented here"):
+        load_inception(tmp_path / "pt_inception-2015-12-05.pth")
+
+
+def test_inception_input_convention_is_torchvisions(tmp_path):
+    """The same (random, torchvision-initialised) weights through torchvision's own path --
+    ImageNet-normalised [0, 1] input with transform_input=True, which converts it to what the
+    TF-ported weights expect -- and through load_inception, which feeds [-1, 1] directly: the same
+    features. ImageNet-normalised input without transform_input (the convention this replaced) is
+    flagged by the same comparison."""
+    import torch.nn.functional as F
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(3)
+    reference = inception_v3(weights=None, aux_logits=False, init_weights=True, transform_input=True)
+    torch.save(reference.state_dict(), tmp_path / "inception.pth")
+    ours = load_inception(tmp_path / "inception.pth")
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    rgb = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 0.5 + 0.5
+    with torch.no_grad():
+        expected = reference((rgb - mean) / std)
+        old_convention = ours.network((rgb - mean) / std)
+        got = ours(images)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert expected.norm() > 0 and rel(got, expected) < 1e-4, rel(got, expected)
+    assert rel(old_convention, expected) > 1e-2, rel(old_convention, expected)
 
 
 # ----- in-domain classifier ------------------------------------------------------------------------
