@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lcss_prior import __version__
 from lcss_prior.guidance import classifier_free_guidance
-from lcss_prior.manifest import ManifestError, verify_manifest
+from lcss_prior.manifest import ManifestError, sha256, verify_manifest
 from lcss_prior.model import EpsNetwork
 
 FORMAT = "lcss-prior"
@@ -217,7 +217,7 @@ def export_prior(
         "training": dict(training_info or {}),
         "lcss_prior_version": __version__,
     }
-    text = json.dumps(meta, indent=2, sort_keys=False)  # fails here, not at load time, if not JSON
+    json.dumps(meta)  # fails here, before anything is written, if not JSON
     if _build_sde(sde_config).config != sde_config:
         raise ValueError(f"sde.config {sde_config} does not round-trip through lcss_prior.sde.build_sde")
 
@@ -237,7 +237,12 @@ def export_prior(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the exported prior is a folder to share
     try:
         unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-        (tmp / PRIOR_JSON).write_text(text + "\n", encoding="utf-8")
+        # the network files' SHA-256, checked by every load: safetensors carries no checksum, so a
+        # flipped byte in the weights would otherwise load silently as other weights
+        meta["checksums"] = {
+            f"{UNET_DIR}/{p.name}": sha256(p) for p in sorted((tmp / UNET_DIR).iterdir()) if p.is_file()
+        }
+        (tmp / PRIOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "prior")  # a kill between the two renames: recovered next time
@@ -345,6 +350,23 @@ def read_prior_json(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _verify_checksums(folder: Path, meta: dict[str, Any]) -> None:
+    """The network files against the SHA-256 that ``prior.json`` recorded at export (priors exported
+    before checksums existed have none and are not checked)."""
+    checksums = meta.get("checksums") or {}
+    if not isinstance(checksums, dict):
+        raise PriorFormatError(f"{folder / PRIOR_JSON}: checksums must be an object of file -> SHA-256")
+    for rel, digest in checksums.items():
+        path = folder / rel
+        if not path.is_file():
+            raise PriorFormatError(f"{path} is missing (listed in {folder / PRIOR_JSON}): the prior is incomplete")
+        if sha256(path) != digest:
+            raise PriorFormatError(
+                f"{path} is corrupted: its SHA-256 differs from the one {folder / PRIOR_JSON} recorded at export; "
+                "re-export the prior (lcss-prior export) or copy it again"
+            )
+
+
 def load_prior(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Prior:
@@ -363,6 +385,7 @@ def load_prior(
     unet_dir = folder / UNET_DIR
     if not unet_dir.is_dir():
         raise PriorFormatError(f"{unet_dir} is missing: the prior has no network weights")
+    _verify_checksums(folder, meta)
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a corrupt folder

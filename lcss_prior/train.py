@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -312,11 +313,38 @@ class StepBatches(IterableDataset):
 # --------------------------------------------------------------------------------------------------
 
 
+#: the checkpoint entry holding :func:`checkpoint_digest` of its tensors
+INTEGRITY_KEY = "lcss_tensors_sha256"
+
+
+def checkpoint_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 over every tensor of a checkpoint (weights, EMA, optimiser state, ...) with its key
+    path: a zip entry's bytes can change without torch.load noticing, which would resume from other
+    weights without a word."""
+    digest = hashlib.sha256()
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{prefix}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                visit(f"{prefix}[{i}]", item)
+
+    visit("", {k: v for k, v in checkpoint.items() if k != INTEGRITY_KEY})
+    return digest.hexdigest()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file in the same folder and moved into place with
-    ``os.replace``: a crash never leaves a truncated ``last.ckpt`` behind."""
+    ``os.replace``: a crash never leaves a truncated ``last.ckpt`` behind. Each carries the SHA-256
+    of its tensors (``INTEGRITY_KEY``), checked when a run resumes from it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        checkpoint = {**checkpoint, INTEGRITY_KEY: checkpoint_digest(checkpoint)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -676,9 +704,16 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
-        return {**LEGACY_DEFAULTS, **hp["config"]}, dict(hp["data_info"])
+        config, info = {**LEGACY_DEFAULTS, **hp["config"]}, dict(hp["data_info"])
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path} is not an lcss-prior training checkpoint: {e}") from e
+    saved = ckpt.get(INTEGRITY_KEY)  # checkpoints written before the digest existed have none
+    if saved is not None and saved != checkpoint_digest(ckpt):
+        raise ConfigError(
+            f"{path} is corrupted: its tensors' SHA-256 differs from the one saved with them; resume from "
+            "another checkpoint (e.g. best.ckpt) or start a new run"
+        )
+    return config, info
 
 
 def check_world_size(path: str | Path, world_size: int, cfg: TrainConfig) -> None:

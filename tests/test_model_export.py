@@ -366,7 +366,9 @@ def _rewrite_json(path, **changes):
         ("missing_key", "missing keys"),
         ("bad_sde", "cannot build the SDE"),
         ("missing_unet", "unet is missing"),
-        ("corrupt_unet", "cannot be loaded"),
+        ("corrupt_unet", "is corrupted: its SHA-256 differs"),  # caught by the export's checksum
+        ("flipped_weights", "is corrupted: its SHA-256 differs"),  # would load silently without it
+        ("corrupt_unet_unchecked", "cannot be loaded"),  # a prior exported before checksums existed
         ("mismatched_unet", "does not match"),
         ("bad_sigma_data", "network.sigma_data must be a positive number"),
         ("bad_time_scale", "network.time_scale must be a positive number"),
@@ -399,10 +401,19 @@ def test_broken_prior_folders_raise_one_clear_error(exported, breakage, fragment
 
         shutil.rmtree(path / "unet")
         named = path / "unet"
-    elif breakage == "corrupt_unet":
+    elif breakage in ("corrupt_unet", "corrupt_unet_unchecked"):
         weights = next((path / "unet").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:100])
-        named = path / "unet"
+        named = weights
+        if breakage == "corrupt_unet_unchecked":
+            _rewrite_json(path, checksums=None)
+            named = path / "unet"
+    elif breakage == "flipped_weights":
+        weights = next((path / "unet").glob("*.safetensors"))
+        data = bytearray(weights.read_bytes())
+        data[-8] ^= 0x01  # one bit of the last weight: still a valid safetensors file
+        weights.write_bytes(bytes(data))
+        named = weights
     elif breakage == "mismatched_unet":
         _rewrite_json(path, channels=3)
         named = path / "unet"
