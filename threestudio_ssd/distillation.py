@@ -55,7 +55,11 @@ from threestudio_ssd.baselines.base import Baseline, ConstantBaseline, RenderOut
 from threestudio_ssd.score_models.base import ScoreModel
 from threestudio_ssd.score_models.image import resize_image
 from threestudio_ssd.stein import (
+    WEIGHT_MODES,
+    WEIGHT_SHAPES,
     ControlVariateWeight,
+    LearnedWeights,
+    OptimalWeights,
     baseline_value_and_grad,
     control_variates,
     gradient_variance,
@@ -162,8 +166,8 @@ class DistillationConfig:
             ("weighting", WEIGHTINGS),
             ("resize_render", RESIZE_RENDER),
             ("baseline_decoder", BASELINE_DECODERS),
-            ("mu_shape", ControlVariateWeight.SHAPES),
-            ("mu_mode", ControlVariateWeight.MODES),
+            ("mu_shape", WEIGHT_SHAPES),
+            ("mu_mode", WEIGHT_MODES),
             ("t_sampling", T_SAMPLINGS),
             ("antithetic", ANTITHETIC),
         ):
@@ -321,7 +325,7 @@ class ScoreDistillation(nn.Module):
                 )
         names = _unique_names([b.name or type(b).__name__ for b in baselines])
         self._frozen = _Frozen(score_model, baselines, names)
-        self.mu: ControlVariateWeight | None = None
+        self.mu: LearnedWeights | OptimalWeights | None = None
         if config.estimator == "ssd":
             self.mu = ControlVariateWeight(
                 n_cv=len(baselines) + int(config.include_constant) + int(config.linear_cv),

@@ -20,14 +20,18 @@ Non-finite or invalid baselines fall back, per sample, to the constant control v
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 __all__ = [
+    "WEIGHT_MODES",
+    "WEIGHT_SHAPES",
     "ControlVariateWeight",
+    "LearnedWeights",
+    "OptimalWeights",
     "VarianceDecomposition",
     "baseline_value_and_grad",
     "between_timestep_variance",
@@ -294,35 +298,26 @@ def ssd_gradient(
 # ----------------------------------------------------------------------------------------------
 
 
-class ControlVariateWeight(nn.Module):
-    """The weights ``mu_k`` of ``n_cv`` control variates (including the constant one).
+WEIGHT_SHAPES = ("scalar", "channel", "pixel")
+WEIGHT_MODES = ("learned", "optimal")
 
-    ``shape``: ``"scalar"`` (one number per cv), ``"channel"`` (per channel, dimension 1 of the
-    data, ``channels`` of them) or ``"pixel"`` (per spatial location of ``[B, C, H, W]`` data,
-    shared over channels; ``resolution=(H, W)``). With ``t_bins=n`` each of ``n`` equal-width bins of
-    ``t`` in ``[0, 1]`` has its own weights (beyond the paper: the variance-optimal weights depend on
-    ``t``).
 
-    ``forward(t)`` returns DETACHED weights ``[B, n_cv]`` (scalar), ``[B, n_cv, C]`` (channel) or
-    ``[B, n_cv, 1, H, W]`` (pixel), for ``stein_gradient``. They depend only on earlier steps, so the
-    step that uses them stays unbiased. Use per step: ``mu = cvw(t)``; ``grad = stein_gradient(...,
-    mu)``; then ``loss_mu = cvw.loss(...)`` (``mode="learned"``, added to the training loss and
-    stepped by the optimiser AFTER ``mu`` was used) or ``cvw.update(...)`` (``mode="optimal"``).
+class _WeightTable(nn.Module):
+    """What both kinds of weights share: a table ``[t_bins, n_cv, S]`` of weights ``mu_k`` for ``n_cv``
+    control variates (the constant one included), ``S`` elements per bin by ``shape``, and
+    ``forward(t)``, the DETACHED weights of the steps before this one (so the step that uses them
+    stays unbiased), ``[B, n_cv]`` (scalar), ``[B, n_cv, C]`` (channel) or ``[B, n_cv, 1, H, W]``
+    (pixel), for ``stein_gradient``.
 
-    * ``learned`` (the paper): parameters trained by ``min_mu ||Delta||^2``; since ``E[Delta]`` does
-      not depend on ``mu``, this minimises the variance.
-    * ``optimal``: running second moments ``A_kl = E<w h_k, w h_l>``, ``b_k = E<w eps_hat, w h_k>``
-      per bin (and per channel/pixel, summed over the other dimensions), and
-      ``mu* = (A + ridge * tr(A)/K * I)^{-1} b`` solved in float64. ``ema`` is the decay of the
-      moments per update of a bin (``1.0``: plain average over all updates). Bins never updated use
-      ``init``.
-
-    ``init``: a number (every cv) or a list of ``n_cv`` numbers; default ``[1, 0, ..., 0]`` (SDS,
-    assuming the constant cv is first; pass ``init`` for the paper's form without constant).
+    ``shape``: ``"scalar"`` (one number per cv), ``"channel"`` (per channel, dimension 1 of the data,
+    ``channels`` of them) or ``"pixel"`` (per spatial location of ``[B, C, H, W]`` data, shared over
+    channels; ``resolution=(H, W)``). ``t_bins=n``: each of ``n`` equal-width bins of ``t`` in
+    ``[0, 1]`` has its own weights (beyond the paper: the variance-optimal weights depend on ``t``).
+    ``init``: a number (every cv) or ``n_cv`` numbers; default ``[1, 0, ..., 0]`` (SDS, the constant
+    cv first; pass ``init`` for the paper's form without constant).
     """
 
-    SHAPES = ("scalar", "channel", "pixel")
-    MODES = ("learned", "optimal")
+    mode: str
 
     def __init__(
         self,
@@ -330,42 +325,26 @@ class ControlVariateWeight(nn.Module):
         shape: str = "scalar",
         channels: int | None = None,
         resolution: Sequence[int] | None = None,
-        mode: str = "learned",
         init: float | Sequence[float] | None = None,
         t_bins: int | None = None,
-        ema: float = 0.99,
-        ridge: float = 1e-6,
     ) -> None:
         super().__init__()
         if n_cv < 1:
             raise ValueError(f"`n_cv` must be >= 1, got {n_cv}")
-        if shape not in self.SHAPES:
-            raise ValueError(f"`shape` must be one of {self.SHAPES}, got {shape!r}")
-        if mode not in self.MODES:
-            raise ValueError(f"`mode` must be one of {self.MODES}, got {mode!r}")
+        if shape not in WEIGHT_SHAPES:
+            raise ValueError(f"`shape` must be one of {WEIGHT_SHAPES}, got {shape!r}")
         if t_bins is not None and t_bins < 1:
             raise ValueError(f"`t_bins` must be None or >= 1, got {t_bins}")
-        if not 0.0 < ema <= 1.0:
-            raise ValueError(f"`ema` must be in (0, 1], got {ema}")
-        if ridge < 0:
-            raise ValueError(f"`ridge` must be >= 0, got {ridge}")
         if shape == "channel" and (channels is None or channels < 1):
             raise ValueError(f"shape='channel' needs `channels` >= 1, got {channels}")
         if shape == "pixel" and (resolution is None or len(resolution) != 2 or min(resolution) < 1):
             raise ValueError(f"shape='pixel' needs `resolution` = (H, W), got {resolution}")
-        self.n_cv = n_cv
-        self.shape = shape
-        self.mode = mode
-        self.channels = channels
+        self.n_cv, self.shape, self.channels = n_cv, shape, channels
         self.resolution = tuple(int(r) for r in resolution) if resolution is not None else None
         self.n_bins = t_bins or 1
-        self.ema = float(ema)
-        self.ridge = float(ridge)
-        n_el = {"scalar": 1, "channel": channels, "pixel": None}[shape]
+        self.n_el = {"scalar": 1, "channel": channels or 0, "pixel": 0}[shape]
         if shape == "pixel":
-            n_el = self.resolution[0] * self.resolution[1]
-        self.n_el = int(n_el)
-
+            self.n_el = self.resolution[0] * self.resolution[1]
         if init is None:
             init = [1.0] + [0.0] * (n_cv - 1)
         elif isinstance(init, int | float):
@@ -373,24 +352,31 @@ class ControlVariateWeight(nn.Module):
         init = [float(v) for v in init]
         if len(init) != n_cv:
             raise ValueError(f"`init` must have n_cv={n_cv} entries, got {len(init)}")
-        table = torch.tensor(init).reshape(1, n_cv, 1).expand(self.n_bins, n_cv, self.n_el).clone()
-        if mode == "learned":
-            self.mu = nn.Parameter(table)
-        else:
-            self.register_buffer("mu_opt", table)
-            self.register_buffer(
-                "moment_A", torch.zeros(self.n_bins, self.n_el, n_cv, n_cv, dtype=torch.float64)
-            )
-            self.register_buffer("moment_b", torch.zeros(self.n_bins, self.n_el, n_cv, dtype=torch.float64))
-            self.register_buffer("moment_n", torch.zeros(self.n_bins, dtype=torch.float64))
+        self._init = init
+
+    def initial_table(self) -> Tensor:
+        return torch.tensor(self._init).reshape(1, self.n_cv, 1).expand(self.n_bins, self.n_cv, self.n_el).clone()
 
     def extra_repr(self) -> str:
         return f"n_cv={self.n_cv}, shape={self.shape!r}, mode={self.mode!r}, t_bins={self.n_bins}"
 
-    # -- internals -----------------------------------------------------------------------------
+    def table(self) -> Tensor:
+        """The weights ``[t_bins, n_cv, S]`` (a parameter or a buffer)."""
+        raise NotImplementedError
 
-    def _table(self) -> Tensor:
-        return self.mu if self.mode == "learned" else self.mu_opt
+    def forward(self, t: Float[Tensor, " B"]) -> Tensor:
+        """Detached weights for timesteps ``t`` (from the steps before this one)."""
+        return self._gather(t, self.table()).detach()
+
+    def statistics(self) -> dict[str, float]:
+        """Mean / min / max of each cv's weight over bins and elements, for logging."""
+        table = self.table().detach()
+        stats: dict[str, float] = {}
+        for k in range(self.n_cv):
+            stats[f"mu{k}_mean"] = table[:, k].mean().item()
+            stats[f"mu{k}_min"] = table[:, k].min().item()
+            stats[f"mu{k}_max"] = table[:, k].max().item()
+        return stats
 
     def _gather(self, t: Tensor, table: Tensor) -> Tensor:
         mu = table[timestep_bin(t, self.n_bins).to(table.device)]  # [B, K, S]
@@ -428,11 +414,20 @@ class ControlVariateWeight(nn.Module):
             return x.reshape(b, k, self.channels, -1)
         return x.movedim(2, -1).reshape(b, k, self.n_el, -1)
 
-    # -- public --------------------------------------------------------------------------------
 
-    def forward(self, t: Float[Tensor, " B"]) -> Tensor:
-        """Detached weights for timesteps ``t`` (from the steps before this one)."""
-        return self._gather(t, self._table()).detach()
+class LearnedWeights(_WeightTable):
+    """The paper's weights: parameters trained by ``min_mu ||Delta||^2`` (``loss``, stepped by the
+    caller's optimiser AFTER the step used ``forward(t)``). Since ``E[Delta]`` does not depend on
+    ``mu``, this minimises the variance."""
+
+    mode = "learned"
+
+    def __init__(self, n_cv: int, **kwargs: Any) -> None:
+        super().__init__(n_cv, **kwargs)
+        self.mu = nn.Parameter(self.initial_table())
+
+    def table(self) -> Tensor:
+        return self.mu
 
     def loss(
         self,
@@ -441,16 +436,36 @@ class ControlVariateWeight(nn.Module):
         weight: Scalar,
         t: Float[Tensor, " B"],
     ) -> Float[Tensor, ""]:
-        """``learned`` mode: ``mean ||w * (eps_hat - sum_k mu_k h_k)||^2`` (mean over the batch and
-        the elements), with everything but ``mu`` detached -- its gradient reaches only ``mu``."""
-        if self.mode != "learned":
-            raise RuntimeError(
-                f"loss() is for mode='learned'; this ControlVariateWeight has mode={self.mode!r}"
-            )
+        """``mean ||w * (eps_hat - sum_k mu_k h_k)||^2`` (mean over the batch and the elements), with
+        everything but ``mu`` detached -- its gradient reaches only ``mu``."""
         self._check_data(eps_hat, cvs, t)
         w = weight.detach() if isinstance(weight, Tensor) else weight
-        residual = stein_gradient(eps_hat.detach(), cvs.detach(), w, self._gather(t, self.mu))
-        return residual.pow(2).mean()
+        return stein_gradient(eps_hat.detach(), cvs.detach(), w, self._gather(t, self.mu)).pow(2).mean()
+
+
+class OptimalWeights(_WeightTable):
+    """Least-squares weights from earlier steps: running second moments ``A_kl = E<w h_k, w h_l>``,
+    ``b_k = E<w eps_hat, w h_k>`` per bin (and per channel/pixel, summed over the other dimensions),
+    and ``mu* = (A + ridge * tr(A)/K * I)^{-1} b`` solved in float64 after each ``update``. ``ema``
+    is the decay of the moments per update of a bin (``1.0``: the plain average of all updates);
+    bins never updated keep ``init``."""
+
+    mode = "optimal"
+
+    def __init__(self, n_cv: int, ema: float = 0.99, ridge: float = 1e-6, **kwargs: Any) -> None:
+        super().__init__(n_cv, **kwargs)
+        if not 0.0 < ema <= 1.0:
+            raise ValueError(f"`ema` must be in (0, 1], got {ema}")
+        if ridge < 0:
+            raise ValueError(f"`ridge` must be >= 0, got {ridge}")
+        self.ema, self.ridge = float(ema), float(ridge)
+        self.register_buffer("mu_opt", self.initial_table())
+        self.register_buffer("moment_A", torch.zeros(self.n_bins, self.n_el, n_cv, n_cv, dtype=torch.float64))
+        self.register_buffer("moment_b", torch.zeros(self.n_bins, self.n_el, n_cv, dtype=torch.float64))
+        self.register_buffer("moment_n", torch.zeros(self.n_bins, dtype=torch.float64))
+
+    def table(self) -> Tensor:
+        return self.mu_opt
 
     @torch.no_grad()
     def update(
@@ -460,55 +475,60 @@ class ControlVariateWeight(nn.Module):
         weight: Scalar,
         t: Float[Tensor, " B"],
     ) -> None:
-        """``optimal`` mode: fold this batch into the running moments of its bins and re-solve
+        """Fold this batch into the running moments of its bins and re-solve
         ``mu* = argmin E||w (eps_hat - sum_k mu_k h_k)||^2`` (used from the next ``forward`` on)."""
-        if self.mode != "optimal":
-            raise RuntimeError(
-                f"update() is for mode='optimal'; this ControlVariateWeight has mode={self.mode!r}"
-            )
         self._check_data(eps_hat, cvs, t)
         batch = eps_hat.shape[0]
         w = _per_sample(weight, "weight", batch, eps_hat.ndim, eps_hat)
         target = self._elements((w * eps_hat).unsqueeze(1)).double()[:, 0]  # [B, S, R]
-        wh = self._elements(
-            w.unsqueeze(1) * cvs if isinstance(w, Tensor) else w * cvs
-        ).double()  # [B, K, S, R]
-        a_batch = torch.einsum("bksr,blsr->bskl", wh, wh)
-        b_batch = torch.einsum("bsr,bksr->bsk", target, wh)
+        wh = self._elements(w.unsqueeze(1) * cvs if isinstance(w, Tensor) else w * cvs).double()  # [B, K, S, R]
         bins = timestep_bin(t, self.n_bins).to(self.moment_A.device)
         hit = torch.zeros(self.n_bins, dtype=torch.bool, device=bins.device)
         hit[bins] = True
         decay = torch.where(hit, self.ema, 1.0).double()
-        self.moment_A.mul_(decay.reshape(-1, 1, 1, 1)).index_add_(0, bins, a_batch.to(self.moment_A.device))
-        self.moment_b.mul_(decay.reshape(-1, 1, 1)).index_add_(0, bins, b_batch.to(self.moment_b.device))
-        self.moment_n.mul_(decay).index_add_(
-            0, bins, torch.ones(batch, dtype=torch.float64, device=bins.device)
-        )
+        a_batch = torch.einsum("bksr,blsr->bskl", wh, wh).to(self.moment_A.device)
+        b_batch = torch.einsum("bsr,bksr->bsk", target, wh).to(self.moment_b.device)
+        self.moment_A.mul_(decay.reshape(-1, 1, 1, 1)).index_add_(0, bins, a_batch)
+        self.moment_b.mul_(decay.reshape(-1, 1, 1)).index_add_(0, bins, b_batch)
+        self.moment_n.mul_(decay).index_add_(0, bins, torch.ones(batch, dtype=torch.float64, device=bins.device))
         self._solve(hit)
 
     def _solve(self, bins: Tensor) -> None:
-        a = self.moment_A[bins]  # [n, S, K, K]
-        b = self.moment_b[bins]  # [n, S, K]
+        a, b = self.moment_A[bins], self.moment_b[bins]  # [n, S, K, K], [n, S, K]
         scale = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)  # tr(A) / K
         eye = torch.eye(self.n_cv, dtype=a.dtype, device=a.device)
         reg = (self.ridge * scale).clamp_min(torch.finfo(a.dtype).tiny)[..., None, None] * eye
         mu = torch.linalg.solve(a + reg, b.unsqueeze(-1))[..., 0]  # [n, S, K]
-        degenerate = (scale <= 0)[..., None]
         old = self.mu_opt[bins].transpose(1, 2).double()
-        mu = torch.where(degenerate, old, mu)
+        mu = torch.where((scale <= 0)[..., None], old, mu)  # a degenerate bin keeps its weights
         self.mu_opt[bins] = mu.transpose(1, 2).to(self.mu_opt.dtype)
 
     def statistics(self) -> dict[str, float]:
-        """Mean / min / max of each cv's weight over bins and elements, for logging."""
-        table = self._table().detach()
-        stats: dict[str, float] = {}
-        for k in range(self.n_cv):
-            stats[f"mu{k}_mean"] = table[:, k].mean().item()
-            stats[f"mu{k}_min"] = table[:, k].min().item()
-            stats[f"mu{k}_max"] = table[:, k].max().item()
-        if self.mode == "optimal":
-            stats["bins_updated"] = float((self.moment_n > 0).sum().item())
-        return stats
+        return {**super().statistics(), "bins_updated": float((self.moment_n > 0).sum().item())}
+
+
+def ControlVariateWeight(  # noqa: N802 - the public name of the weights, kept for callers and configs
+    n_cv: int,
+    shape: str = "scalar",
+    channels: int | None = None,
+    resolution: Sequence[int] | None = None,
+    mode: str = "learned",
+    init: float | Sequence[float] | None = None,
+    t_bins: int | None = None,
+    ema: float = 0.99,
+    ridge: float = 1e-6,
+) -> LearnedWeights | OptimalWeights:
+    """The weights ``mu_k`` of ``n_cv`` control variates: :class:`LearnedWeights` (``mode="learned"``,
+    the paper) or :class:`OptimalWeights` (``mode="optimal"``; ``ema``, ``ridge``). Use per step:
+    ``mu = weights(t)``; ``grad = stein_gradient(..., mu)``; then ``weights.loss(...)`` (learned) or
+    ``weights.update(...)`` (optimal). ``shape``, ``channels``, ``resolution``, ``init`` and
+    ``t_bins`` as in :class:`_WeightTable`."""
+    common = dict(shape=shape, channels=channels, resolution=resolution, init=init, t_bins=t_bins)
+    if mode == "learned":
+        return LearnedWeights(n_cv, **common)
+    if mode == "optimal":
+        return OptimalWeights(n_cv, ema=ema, ridge=ridge, **common)
+    raise ValueError(f"`mode` must be one of {WEIGHT_MODES}, got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------
