@@ -132,6 +132,24 @@ def control_variates(
 
     ``sigma`` is a number, a 0-dim tensor or ``[B]``. ``eps`` is the SAME noise that built ``x_t``.
     """
+    ok = _usable_baselines(eps, phis, grad_phis, valid)  # [B, K]
+    phi, grad = _rejected_as_zero(phis, grad_phis, ok, eps)  # so that 0 * inf cannot make a NaN
+    e, s = eps.unsqueeze(1), _per_sample(sigma, "sigma", eps.shape[0], eps.ndim + 1, eps)
+    h = e * _trailing(phi, eps.ndim) - s * grad  # h_k = eps phi_k(x_t) - sigma grad phi_k(x_t)
+    h = torch.where(_trailing(ok, eps.ndim), h, e)  # a rejected baseline is the constant one: h = eps
+    if include_constant:
+        h = torch.cat([e, h], dim=1)
+    return (h, ~ok) if return_fallback else h
+
+
+def _trailing(x: Tensor, ndim: int) -> Tensor:
+    """``[B, K]`` viewed as ``[B, K, 1, ..., 1]`` against ``[B, K, *D]`` with ``len(D) = ndim - 1``."""
+    return x.reshape(*x.shape, *([1] * (ndim - 1)))
+
+
+def _usable_baselines(eps: Tensor, phis: Tensor, grad_phis: Tensor, valid: Tensor | None) -> Tensor:
+    """Check the shapes of ``control_variates``' inputs; return ``[B, K]``: baseline ``k`` of sample
+    ``b`` is usable (finite ``phi`` and ``grad phi``, and ``valid`` where given)."""
     if phis.ndim != 2 or phis.shape[0] != eps.shape[0]:
         raise ValueError(f"`phis` must have shape [B, K] with B={eps.shape[0]}, got {tuple(phis.shape)}")
     batch, k = phis.shape
@@ -143,21 +161,15 @@ def control_variates(
     if valid is not None and tuple(valid.shape) != (batch, k):
         raise ValueError(f"`valid` must have shape [B, K] = {(batch, k)}, got {tuple(valid.shape)}")
     ok = torch.isfinite(phis) & torch.isfinite(grad_phis).reshape(batch, k, eps[0].numel()).all(dim=-1)
-    if valid is not None:
-        ok = ok & valid.to(torch.bool)
-    e = eps.unsqueeze(1)
-    s = _per_sample(sigma, "sigma", batch, e.ndim, eps)
-    # zero out the rejected entries before multiplying, so that 0 * inf cannot create a NaN
-    safe_phi = torch.where(ok, phis, torch.zeros((), dtype=phis.dtype, device=phis.device))
-    ok_full = ok.reshape(batch, k, *([1] * (eps.ndim - 1)))
-    safe_grad = torch.where(
-        ok_full, grad_phis, torch.zeros((), dtype=grad_phis.dtype, device=grad_phis.device)
-    )
-    h = e * safe_phi.reshape(batch, k, *([1] * (eps.ndim - 1))).to(eps.dtype) - s * safe_grad.to(eps.dtype)
-    h = torch.where(ok_full, h, e)
-    if include_constant:
-        h = torch.cat([e, h], dim=1)
-    return (h, ~ok) if return_fallback else h
+    return ok if valid is None else ok & valid.to(torch.bool)
+
+
+def _rejected_as_zero(phis: Tensor, grad_phis: Tensor, ok: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """``phi`` and ``grad phi`` with the unusable entries set to 0, in ``eps``'s dtype."""
+    zero = torch.zeros((), dtype=phis.dtype, device=phis.device)
+    phi = torch.where(ok, phis, zero).to(eps.dtype)
+    grad = torch.where(_trailing(ok, eps.ndim), grad_phis, zero.to(grad_phis.dtype)).to(eps.dtype)
+    return phi, grad
 
 
 def stein_control_variate(
