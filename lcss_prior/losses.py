@@ -140,12 +140,13 @@ def lcss_max_smoothing(dim: int, tolerance: float = LCSS_BIAS_WARNING) -> float:
 def lcss_loss(
     score_fn: ScoreFn,
     x: Float[Tensor, "B ..."],
-    sigma: float | Float[Tensor, " B"],
+    radius: float | Float[Tensor, " B"],
     control_variate: bool = True,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
 ) -> Float[Tensor, " B"]:
-    """LCSS: ``0.5 ||S(x)||^2 + (1/s) eps . (S(x + s eps) - S(x))``, ``eps ~ N(0, I)``, ``s = sigma``.
+    """LCSS: ``0.5 ||S(x)||^2 + (1/s) eps . (S(x + s eps) - S(x))``, ``eps ~ N(0, I)``, ``s = radius``
+    (the smoothing radius, a float or ``[B]``; not a noise level).
 
     One batched call ``score_fn(cat[x, x + s eps])`` of ``2B``. ``control_variate=False`` drops the
     ``- S(x)`` term (the plain Stein form; same expectation, variance ``O(1/s^2)``).
@@ -158,7 +159,7 @@ def lcss_loss(
     For ``p = N(0, v I)`` and ``S = -a x``: ``J(a) = 0.5 a^2 v D - a D``, minimised at ``a = 1/v`` for
     every ``s`` (a linear score has a constant Jacobian trace, untouched by smoothing).
     """
-    s = _scale(sigma, x, "sigma")
+    s = _scale(radius, x, "radius (the LCSS smoothing radius)")
     eps = randn_like(x, generator)
     both = score_fn(torch.cat([x, x + s * eps]))
     s_x, s_shift = both.chunk(2)
@@ -220,14 +221,14 @@ def ssm_loss(
 def fdssm_loss(
     score_fn: ScoreFn,
     x: Float[Tensor, "B ..."],
-    eps: float | Float[Tensor, " B"] = 0.1,
+    step: float | Float[Tensor, " B"] = 0.1,
     variance_reduced: bool = True,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
 ) -> Float[Tensor, " B"]:
     """Finite-difference sliced score matching (Pang et al. 2020), one batched call of ``2B``::
 
-        S_pm = S(x +- h u),   u uniform on the unit sphere,   h = eps (float or [B]),   D = dim
+        S_pm = S(x +- h u),   u uniform on the unit sphere,   h = step (float or [B]),   D = dim
         trace term  = D u . (S_+ - S_-) / (2 h)            (~ v^T grad S v with v = sqrt(D) u)
         l(x) = 0.5 ||S_bar||^2 + trace term                (variance_reduced, default)
         l(x) = 0.5 D (u . S_bar)^2 + trace term            (plain, Pang et al.'s sliced form)
@@ -235,7 +236,7 @@ def fdssm_loss(
     with ``S_bar = (S_+ + S_-) / 2 = S(x) + O(h^2)``. No double backprop; bias ``O(h^2)`` against
     SSM / ISM.
     """
-    h = _scale(eps, x, "eps (the finite-difference step)")
+    h = _scale(step, x, "step (the finite-difference step)")
     d = x[0].numel()
     u = _unit_directions(x, generator)
     s_plus, s_minus = score_fn(torch.cat([x + h * u, x - h * u])).chunk(2)
@@ -488,7 +489,7 @@ def _fdssm_eps(
     raw = fdssm_loss(
         _score_fn(loss, model_fn, t, cond),
         x_t,
-        eps=loss.fd_eps * loss.sde.std(t),
+        step=loss.fd_eps * loss.sde.std(t),
         variance_reduced=loss.variance_reduced,
         generator=generator,
         reduction=loss.reduction,

@@ -458,15 +458,16 @@ class VESDE(SDE):
             raise ValueError(f"sigma_max ({sigma_max}) must be > sigma_min ({sigma_min})")
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
-    def sigma(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
-        """``sigma(t) = sigma_min (sigma_max / sigma_min)^t``."""
+    def noise_level(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
+        """The VE schedule's ``sigma_min (sigma_max / sigma_min)^t`` (score_sde's ``sigma(t)``; the
+        marginal standard deviation is ``std(t)``, which starts at 0)."""
         return self.sigma_min * torch.exp(t * self._log_ratio)
 
     def drift(self, x: Float[Tensor, "B ..."], t: Float[Tensor, " B"]) -> Float[Tensor, "B ..."]:
         return torch.zeros_like(x)
 
     def diffusion(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
-        return self.sigma(t) * math.sqrt(2.0 * self._log_ratio)
+        return self.noise_level(t) * math.sqrt(2.0 * self._log_ratio)
 
     def alpha(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         return torch.ones_like(_check_time(t))

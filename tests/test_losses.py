@@ -247,7 +247,7 @@ def test_ssm_and_fdssm_expectations_equal_ism(variance_reduced):
     d = x.shape[1]
     for name, loss in (
         ("ssm", ssm_loss(net, x, n_projections=2, variance_reduced=variance_reduced, generator=_gen(35))),
-        ("fdssm", fdssm_loss(net, x, eps=0.01, variance_reduced=variance_reduced, generator=_gen(35))),
+        ("fdssm", fdssm_loss(net, x, step=0.01, variance_reduced=variance_reduced, generator=_gen(35))),
     ):
         m, se = _mean_se(loss.detach() - ism)
         assert abs(m) < 5 * se, (name, m, se)
@@ -423,7 +423,7 @@ def test_ssm_eps_forms_are_std2_times_the_score_form(method):
     if method == "ssm":
         ref = ssm_loss(score_fn, x_t, generator=_gen(49))
     else:
-        ref = fdssm_loss(score_fn, x_t, eps=0.1 * std, generator=_gen(49))
+        ref = fdssm_loss(score_fn, x_t, step=0.1 * std, generator=_gen(49))
     assert torch.allclose(eps_form, std**2 * ref, rtol=1e-9, atol=1e-9)
 
 
@@ -536,7 +536,7 @@ def test_dsm_refuses_a_non_affine_sde_and_names_it():
 
 def test_plain_losses_reject_bad_scales_by_name():
     net, x = _mlp(13), _gmm(4, 56)
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match="radius"):
         lcss_loss(net, x, -0.1)
     with pytest.raises(ValueError, match="sigma"):
         dsm_loss(net, x, torch.zeros(4, dtype=F64))
