@@ -220,7 +220,7 @@ class DistillationOutput:
     ``loss``: the target-trick loss to add to the 3-D model's loss (its gradient w.r.t. ``x0`` is
     ``grad / B``). ``loss_mu``: the ``learned`` weights' loss (``None`` otherwise), to be stepped by
     the optimiser that holds ``ScoreDistillation.parameters()``. ``grad``: ``[B, C, h, w]`` detached,
-    after ``nan_to_num`` and clipping. ``t``: ``[B]``. ``stats``: python floats for logging.
+    after ``nan_to_num`` and clipping. ``t``: ``[B]`` (each render's first draw with ``noise_draws > 1``). ``stats``: python floats for logging.
     ``loss_vsd_particle``: VSD's particle-model denoising loss (batch mean; ``None`` otherwise), for
     the same optimiser; it reaches only the particle model.
     """
