@@ -698,6 +698,13 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config, data_info)`` stored in a training checkpoint (clear error if it is not one)."""
+    config, info, _ = read_checkpoint(path)
+    return config, info
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """``(config, data_info, world_size)`` of a training checkpoint, its tensors checked against
+    their SHA-256 (``world_size`` ``None`` for checkpoints written before it was recorded)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
@@ -713,14 +720,15 @@ def read_checkpoint_config(path: str | Path) -> tuple[dict[str, Any], dict[str, 
             f"{path} is corrupted: its tensors' SHA-256 differs from the one saved with them; resume from "
             "another checkpoint (e.g. best.ckpt) or start a new run"
         )
-    return config, info
+    world_size = ckpt.get("world_size")
+    return config, info, None if world_size is None else int(world_size)
 
 
-def check_world_size(path: str | Path, world_size: int, cfg: TrainConfig) -> None:
-    """A resumed run must split its steps over as many processes as the saved one: ``--batch``
-    is per device, so other ``--devices``/``--num-nodes`` would silently change the global batch (and
-    the data each step sees). Checkpoints written before the world size was recorded are not checked."""
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("world_size")
+def check_world_size(path: str | Path, saved: int | None, world_size: int, cfg: TrainConfig) -> None:
+    """A resumed run must split its steps over as many processes as the saved one (``saved``, from
+    ``read_checkpoint``): ``--batch`` is per device, so other ``--devices``/``--num-nodes`` would
+    silently change the global batch (and the data each step sees). Checkpoints written before the
+    world size was recorded (``saved`` is ``None``) are not checked."""
     if saved is not None and int(saved) != int(world_size):
         raise ConfigError(
             f"--devices {cfg.devices!r} --num-nodes {cfg.num_nodes!r} give {world_size} process(es), but {path} was "
@@ -843,7 +851,7 @@ def train(cfg: TrainConfig, resume: str | None = None, dataset: Any = None) -> P
     cfg, ckpt_path = prepare_run(cfg, resume)
     info = data_info_of(dataset, cfg)
     if ckpt_path is not None:
-        _, saved_info = read_checkpoint_config(ckpt_path)
+        _, saved_info, saved_world_size = read_checkpoint(ckpt_path)
         if saved_info["captions"] != info["captions"] or saved_info["channels"] != info["channels"]:
             raise ConfigError(f"the data set no longer matches the one {ckpt_path} was trained on")
     try:
@@ -854,7 +862,7 @@ def train(cfg: TrainConfig, resume: str | None = None, dataset: Any = None) -> P
     check_network(module, cfg)
     trainer = checked_trainer(cfg)
     if ckpt_path is not None:
-        check_world_size(ckpt_path, trainer.world_size, cfg)
+        check_world_size(ckpt_path, saved_world_size, trainer.world_size, cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")

@@ -125,16 +125,16 @@ class DistillationConfig:
             order) or ``"golden"`` (low discrepancy ACROSS steps: render slot ``b`` uses
             ``u_k = frac(u_0[b] + k / phi)`` at its ``k``-th step, ``u_0`` uniform, drawn once; a
             render's several draws sit at ``frac(u_k + j / m)``).
-        linear_cv: SSD: add the linearisation control variate ``h_lin = (eps_hat(alpha x0 + d sigma
-            eps) - eps_hat(alpha x0 - d sigma eps)) / 2d`` (``~ sigma J(alpha x0) eps``, ``d =
-            LINEAR_CV_STEP``) with its own weight: odd in ``eps``, so exactly zero-mean for any ``d``;
-            two more score-model calls per draw (docs/ssd_math.md section 6).
         antithetic: ``"none"``; ``"pairs"``: a render's draws come in pairs ``(t, eps)``,
             ``(t, -eps)`` (``noise_draws`` even), which cancels every part of the gradient that is
             odd in ``eps`` (``-eps`` itself included); ``"steps"``: every second step reuses the
             previous step's ``t`` and ``-eps`` (the optimiser's moving average sees the pair). With
             ``"steps"`` an ``optimal`` ``mu`` is refit after the second step of each pair only (a
             ``mu`` fitted on ``eps`` must not weight ``-eps``), and ``learned`` is refused.
+        linear_cv: SSD: add the linearisation control variate ``h_lin = (eps_hat(alpha x0 + d sigma
+            eps) - eps_hat(alpha x0 - d sigma eps)) / 2d`` (``~ sigma J(alpha x0) eps``, ``d =
+            LINEAR_CV_STEP``) with its own weight: odd in ``eps``, so exactly zero-mean for any ``d``;
+            two more score-model calls per draw (docs/ssd_math.md section 6).
     """
 
     estimator: str = "ssd"
@@ -220,7 +220,8 @@ class DistillationOutput:
     ``loss``: the target-trick loss to add to the 3-D model's loss (its gradient w.r.t. ``x0`` is
     ``grad / B``). ``loss_mu``: the ``learned`` weights' loss (``None`` otherwise), to be stepped by
     the optimiser that holds ``ScoreDistillation.parameters()``. ``grad``: ``[B, C, h, w]`` detached,
-    after ``nan_to_num`` and clipping. ``t``: ``[B]`` (each render's first draw with ``noise_draws > 1``). ``stats``: python floats for logging.
+    after ``nan_to_num`` and clipping. ``t``: ``[B]`` (each render's first draw with
+    ``noise_draws > 1``). ``stats``: python floats for logging.
     ``loss_vsd_particle``: VSD's particle-model denoising loss (batch mean; ``None`` otherwise), for
     the same optimiser; it reaches only the particle model.
     """
@@ -386,9 +387,7 @@ class ScoreDistillation(nn.Module):
             if gen is None
             else {"device": str(gen.device), "state": gen.get_state().clone()},
             "moments": dict(self._moments),
-            "schedule": {
-                key: _to_cpu(value) for key, value in self._schedule.items()
-            },
+            "schedule": {key: _to_cpu(value) for key, value in self._schedule.items()},
         }
 
     def load_resume_state(self, state: Mapping[str, Any]) -> None:
@@ -402,7 +401,8 @@ class ScoreDistillation(nn.Module):
             warnings.warn(
                 f"ScoreDistillation.load_resume_state: no {missing} in the saved state (an older "
                 "checkpoint?); the particle generator restarts from vsd_seed, the variance-proxy "
-                "moments from zero and the t/eps schedule afresh where missing, so the resumed run differs from an uninterrupted one",
+                "moments from zero and the t/eps schedule afresh where missing, so the resumed run "
+                "differs from an uninterrupted one",
                 stacklevel=2,
             )
         if "moments" in state:
