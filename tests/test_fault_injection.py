@@ -9,9 +9,14 @@ never replaced") under kill -9 at random moments and under corrupted files.
 * every file of a checkpoint folder and of an exported prior truncated, byte-flipped and deleted in
   turn: each gives one clear error naming the file, and nothing else in the folder changes.
 
+* two real data-parallel processes (``--strategy ddp`` over gloo): ``--keep-best`` runs to the end
+  (decisions taken on every rank together), and a NaN loss on rank 1 alone stops both ranks at that
+  step with the reason, the last good checkpoint kept (per-rank decisions make rank 0 die in a
+  collective call instead: on gloo "Connection closed by peer", on NCCL a hang until the timeout).
+
 (A NaN gradient at a checkpoint step is tests/test_train.py's
 ``test_non_finite_gradients_stop_the_run_and_keep_the_good_checkpoint``; the kill-and-resume of a
-threestudio SSD run is tests/integration/test_vsd_resume.py and test_rank_noise.py.)
+threestudio SSD run is tests/integration/test_kill_resume.py.)
 """
 
 from __future__ import annotations
@@ -199,3 +204,68 @@ def test_a_corrupted_checkpoint_is_named_on_resume_and_nothing_changes(reference
     err = capsys.readouterr().err.strip()
     assert "last.ckpt" in err and len(err.splitlines()) == 1, err
     assert files_below(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# two real data-parallel processes (DDP over gloo on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+RANK_FAULT = r"""
+import os, sys
+import torch
+import lcss_prior.train as train
+
+nan_step, original = int(os.environ["NAN_STEP"]), train.PriorTrainingModule.training_step
+
+
+def training_step(self, batch, batch_idx):  # rank 1 alone sees NaN images at step NAN_STEP
+    if self.global_rank == 1 and self.global_step == nan_step:
+        batch = {**batch, "image": torch.full_like(batch["image"], float("nan"))}
+    return original(self, batch, batch_idx)
+
+
+train.PriorTrainingModule.training_step = training_step
+from lcss_prior.cli import main
+
+sys.exit(main())
+"""
+
+
+def ddp_train(tmp_path: Path, nan_step: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """``lcss-prior train --devices 2 --strategy ddp --keep-best`` through a script Lightning can
+    relaunch for rank 1 (its subprocess launcher re-runs ``sys.argv``)."""
+    script, out = tmp_path / "train_ddp.py", tmp_path / "run"
+    script.write_text(RANK_FAULT)
+    drop = {i + j for i, a in enumerate(TRAIN) if a in ("--devices", "--steps") for j in (0, 1)}
+    args = [a for i, a in enumerate(TRAIN) if i not in drop]  # these two flags take one value each
+    args += ["--devices", "2", "--strategy", "ddp", "--keep-best", "--steps", "8", "--checkpoint-every", "2"]
+    command = [sys.executable, str(script), "train", *args, "--out", str(out)]
+    # a hang (a rank alone in a collective call) would wait for gloo's 30-minute timeout: 300 s fails it
+    done = subprocess.run(
+        command, env={**env(), "NAN_STEP": str(nan_step)}, capture_output=True, text=True, timeout=300
+    )
+    return done, out
+
+
+def test_ddp_keep_best_decides_on_every_rank_together(tmp_path):
+    """Two processes, --keep-best: the interval losses are averaged over ranks, so both ranks take
+    the same save decisions and the run ends (no rank waits alone in a barrier)."""
+    done, out = ddp_train(tmp_path, nan_step=-1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert last["world_size"] == 2 and last["global_step"] == 8 and best["global_step"] in (2, 4, 6, 8)
+    assert (out / "prior" / "prior.json").is_file() and leftovers(out) == []
+
+
+def test_ddp_nan_on_one_rank_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path):
+    """Rank 1 alone gets a NaN loss at step 5: both ranks stop at that step with the reason (rank 0
+    learns it from the collective decision), within seconds, and last.ckpt holds step 4, finite."""
+    done, out = ddp_train(tmp_path, nan_step=5)
+    assert done.returncode != 0
+    assert "non-finite training loss nan at step 5" in done.stderr, done.stderr[-3000:]
+    assert "at step 5 on another rank" in done.stderr, done.stderr[-3000:]  # rank 0 stopped too
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert all(v.isfinite().all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert not (out / "prior").exists()

@@ -42,7 +42,7 @@ def parse_all(ts, path: Path, extra: list[str] = ()):
     raw = OmegaConf.load(path)
     overrides = [o for o in OVERRIDES if has_key(raw, o.split("=")[0])]
     cfg = load_config(str(path), cli_args=overrides + list(extra))
-    assert cfg.data_type == "random-camera-datamodule"
+    assert cfg.data_type == "stein-random-camera-datamodule"  # resumable cameras (data.py)
     parse_structured(RandomCameraDataModuleConfig, cfg.data)
     system_cls = ts.find(cfg.system_type)
     system_cfg = parse_structured(system_cls.Config, cfg.system)

@@ -20,6 +20,7 @@ EXPECTED = {
     "stein-score-distillation-guidance",
     "steindreamer-system",
     "stein-vertex-color-mesh-exporter",
+    "stein-random-camera-datamodule",
 }
 
 SCRIPT = r"""

@@ -10,6 +10,7 @@ folder of a model shipped in ``models/``):
 * ``stein-score-distillation-guidance`` (``guidance.py``)
 * ``steindreamer-system`` (``system.py``)
 * ``stein-vertex-color-mesh-exporter`` (``exporter.py``)
+* ``stein-random-camera-datamodule`` (``data.py``): threestudio's random cameras, resumable exactly
 """
 
 from omegaconf import OmegaConf
@@ -23,7 +24,7 @@ cpu.setup_cpu()
 if not OmegaConf.has_resolver("ssd_model"):
     OmegaConf.register_new_resolver("ssd_model", lambda name: str(shipped_model(name)))
 
-from threestudio_ssd.threestudio import exporter, guidance, prompt_processor, renderer, system  # noqa: E402
+from threestudio_ssd.threestudio import data, exporter, guidance, prompt_processor, renderer, system  # noqa: E402
 from threestudio_ssd.threestudio.registry import REGISTERED_NAMES  # noqa: E402
 
-__all__ = ["REGISTERED_NAMES", "cpu", "exporter", "guidance", "prompt_processor", "renderer", "system"]
+__all__ = ["REGISTERED_NAMES", "cpu", "data", "exporter", "guidance", "prompt_processor", "renderer", "system"]

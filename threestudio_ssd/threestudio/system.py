@@ -14,6 +14,10 @@ ProlificDreamer's:
 
 Renderer keys read: ``comp_rgb``, ``opacity`` (or the Gaussian-splatting extension's
 ``comp_mask``), ``depth`` (or ``comp_depth``), ``comp_normal``; ``c2w`` comes from the batch.
+Resume: each training step seeds the global RNGs from the step (``data.seed_step``); with
+``data_type: stein-random-camera-datamodule`` the cameras are the step's too, so ``resume=<ckpt>``
+continues exactly as the uninterrupted run (parameters, optimiser, mu and the guidance's noise
+stream are in the checkpoint).
 Every scalar the guidance returns is logged as ``train/<name>``; each ``loss_<x>`` it returns is
 weighted by ``system.loss.lambda_<x>``.
 
@@ -45,6 +49,7 @@ from threestudio.systems.base import BaseLift3DSystem
 from threestudio.utils.ops import binary_cross_entropy, dot
 from torch import Tensor
 
+from threestudio_ssd.threestudio.data import seed_step
 from threestudio_ssd.threestudio.guidance import SteinScoreDistillationGuidance
 from threestudio_ssd.threestudio.registry import register
 
@@ -172,6 +177,12 @@ class SteinDreamer(BaseLift3DSystem):
             for height, width in zip(heights, widths):
                 if height is not None and width is not None:
                     self.guidance.check_render_resolution(int(height), int(width))
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int, unused: int = 0) -> None:
+        # the step's global-RNG draws (ray jitter, ...) depend on the step only, so a resumed run
+        # repeats the uninterrupted one (threestudio_ssd.threestudio.data)
+        seed_step(self.true_global_step)
+        super().on_train_batch_start(batch, batch_idx, unused)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         if hasattr(self.renderer, "batch_forward"):  # the Gaussian-splatting extension's renderers
