@@ -67,7 +67,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -85,7 +84,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
     sys.path.insert(0, str(REPO))
 
-from threestudio_ssd.testing import tiny_sd_unet_config, tiny_sd_vae_config  # noqa: E402 - after the sys.path insert
+from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
+    GIB,
+    interleaved_rounds,
+    machine,
+    proc_status_kib,
+    reset_peak_rss,
+    synchronize,
+    timed,
+)
+from threestudio_ssd.testing import tiny_sd_unet_config, tiny_sd_vae_config  # noqa: E402
 
 ARMS = ("sds", "ssd", "ssd-preview", "vsd", "sds-threestudio")
 THREESTUDIO_ARMS = ("vsd", "sds-threestudio")
@@ -95,7 +103,6 @@ SSD_ARMS: dict[str, str] = {"ssd": "full", "ssd-preview": "preview"}
 BREAKDOWN_KEYS: dict[str, str] = {"ssd": "breakdown_ssd", "ssd-preview": "breakdown_ssd_preview"}
 TEXT_LENGTH = 77  # CLIP's context length: threestudio's text embeddings are [*, 77, D]
 RESULTS = REPO / "benchmarks" / "results" / "cost_real_scale"
-GIB = 1024**3
 
 # --------------------------------------------------------------------------------------------
 # Published configurations (random weights are drawn for them; nothing is downloaded).
@@ -735,34 +742,20 @@ def build_threestudio(
 # Measurements
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(arms: list[Arm], s: Settings) -> dict[str, list[float]]:
     """Seconds per step of every arm over ``s.rounds`` rounds after ``s.warmup`` untimed ones; in
-    each round every arm runs one step, in an order shuffled per round (seeded)."""
-    from tqdm import tqdm
-
-    order_rng = random.Random(s.seed)
-    times: dict[str, list[float]] = {a.name: [] for a in arms}
-    total = (s.warmup + s.rounds) * len(arms)
-    bar = tqdm(total=total, desc="steps", disable=not s.progress)
-    for r in range(s.warmup + s.rounds):
-        order = list(arms)
-        order_rng.shuffle(order)
-        for arm in order:
-            synchronize(s.device)
-            start = time.perf_counter()
-            arm.step()
-            synchronize(s.device)
-            if r >= s.warmup:
-                times[arm.name].append(time.perf_counter() - start)
-            bar.set_postfix(arm=arm.name, round=r - s.warmup)
-            bar.update()
-    bar.close()
-    return times
+    each round every arm runs one step, in an order shuffled per round (seeded;
+    ``benchmarks.harness.interleaved_rounds``)."""
+    per_round = interleaved_rounds(
+        {a.name: timed(a.step, s.device) for a in arms},
+        rounds=s.rounds,
+        steps_per_round=1,
+        seed=s.seed,
+        progress=s.progress,
+        desc="steps",
+        warmup=s.warmup,
+    )
+    return {name: [r["step"] for r in rounds] for name, rounds in per_round.items()}
 
 
 def breakdown_ssd(shared: Shared, inputs: Inputs, s: Settings, decoder: str = "full") -> dict[str, float]:
@@ -823,24 +816,6 @@ MEMORY_METHOD_CUDA = (
 )
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe_memory(name: str, s: Settings) -> dict[str, Any]:
     """Load only ``name``'s models in this (fresh) process, run ``s.memory_steps`` steps and return
     the memory numbers in GiB (see the module docstring). CPU: ``rss_after_load`` (safetensors
@@ -859,8 +834,8 @@ def probe_memory(name: str, s: Settings) -> dict[str, Any]:
         result["allocated_after_load_gib"] = torch.cuda.memory_allocated(s.device) / GIB
         torch.cuda.reset_peak_memory_stats(s.device)
     else:
-        result["rss_after_load_gib"] = _proc_status_kib("VmRSS") * 1024 / GIB
-        result["hwm_reset"] = _reset_peak_rss()
+        result["rss_after_load_gib"] = proc_status_kib()["VmRSS"] * 1024 / GIB
+        result["hwm_reset"] = reset_peak_rss()
     for _ in range(s.memory_steps):
         arm.step()
     synchronize(s.device)
@@ -869,8 +844,8 @@ def probe_memory(name: str, s: Settings) -> dict[str, Any]:
         result["peak_allocated_steps_gib"] = torch.cuda.max_memory_allocated(s.device) / GIB
         result["peak_reserved_steps_gib"] = torch.cuda.max_memory_reserved(s.device) / GIB
     else:
-        result["rss_after_steps_gib"] = _proc_status_kib("VmRSS") * 1024 / GIB
-        result["peak_rss_steps_gib"] = _proc_status_kib("VmHWM") * 1024 / GIB
+        result["rss_after_steps_gib"] = proc_status_kib()["VmRSS"] * 1024 / GIB
+        result["peak_rss_steps_gib"] = proc_status_kib()["VmHWM"] * 1024 / GIB
     return result
 
 
@@ -933,46 +908,8 @@ def build_all(
 
 
 def environment(s: Settings) -> dict[str, Any]:
-    """Which machine and software produced the numbers."""
-    import diffusers
-    import transformers
-
-    env: dict[str, Any] = {
-        "device": s.device,
-        "dtype": "float16" if s.fp16 else "float32",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "load_average_start": list(os.getloadavg()),
-    }
-    if s.device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(s.device)
-        env.update(
-            device_name=props.name,
-            device_memory_gib=props.total_memory / GIB,
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-    else:
-        env["device_name"] = env["cpu_model"]
-    return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """Which machine and software produced the numbers (``benchmarks.harness.machine``)."""
+    return {**machine(s.device), "dtype": "float16" if s.fp16 else "float32"}
 
 
 def summarise(times: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1097,7 +1034,7 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
                 result["arms"][name]["median_s"] - result["arms"]["sds"]["median_s"]
             )
     if not s.device.startswith("cuda"):
-        result["timing_process_peak_rss_gib"] = _proc_status_kib("VmHWM") * 1024 / GIB
+        result["timing_process_peak_rss_gib"] = proc_status_kib()["VmHWM"] * 1024 / GIB
     write_outputs(result, out_dir, tag)  # the timings are safe before the (long) memory probes
     del arms, shared, inputs
     gc.collect()

@@ -42,22 +42,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import math
 import os
-import platform
 import random
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +61,18 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
+    interleaved_rounds,
+    machine,
+    peak_memory_during,
+    release_memory,
+    summarize_rounds,
+)
 
 METHODS = ("lcss", "dsm", "ssm", "fdssm")
 LABELS = {"lcss": "LCSS", "dsm": "DSM", "ssm": "SSM", "fdssm": "FD-SSM"}
@@ -182,56 +189,6 @@ class Stepper:
         return {"loss": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, q2, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(q1), float(q2), float(q3)
-
-
-def interleaved_rounds(
-    fns: dict[str, Callable[[], dict[str, float]]],
-    rounds: int,
-    steps_per_round: int,
-    seed: int,
-    progress: bool = False,
-    desc: str = "timing",
-) -> dict[str, list[dict[str, float]]]:
-    """Per round and function, the mean seconds per call of each phase.
-
-    ``fns[name]()`` runs one call and returns its seconds per phase. In each of ``rounds + 1``
-    rounds the functions run ``steps_per_round`` times each, in an order shuffled per round (seeded);
-    round 0 is a warm-up and is dropped. Interleaving gives every function the same machine load on
-    average, and functions of one round are adjacent in time, so their ratio is robust to load drift."""
-    order_rng = random.Random(seed)
-    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
-    for r in tqdm(range(rounds + 1), desc=desc, disable=not progress, leave=False):
-        order = list(fns)
-        order_rng.shuffle(order)
-        for name in order:
-            calls = [fns[name]() for _ in range(steps_per_round)]
-            if r > 0:
-                per_round[name].append({p: sum(c[p] for c in calls) / steps_per_round for p in calls[0]})
-    return per_round
-
-
-def summarize_rounds(
-    per_round: dict[str, list[dict[str, float]]], reference: str
-) -> dict[str, dict[str, Any]]:
-    """Median seconds per call (``step_s``), per phase (``phases_s``), and the median and
-    inter-quartile range over rounds of the ratio to ``reference`` within the same round."""
-    totals = {name: [sum(d.values()) for d in rounds] for name, rounds in per_round.items()}
-    out = {}
-    for name, rounds in per_round.items():
-        q1, med, q3 = _quartiles([a / b for a, b in zip(totals[name], totals[reference])])
-        out[name] = {
-            "step_s": statistics.median(totals[name]),
-            "step_s_all": totals[name],
-            "phases_s": {p: statistics.median(d[p] for d in rounds) for p in rounds[0]},
-            "ratio_to_" + reference: med,
-            "ratio_to_" + reference + "_iqr": [q1, q3],
-        }
-    return out
-
-
 def time_methods(
     cfg: NetConfig,
     rounds: int,
@@ -300,40 +257,6 @@ def profile_steps(steppers: dict[str, Stepper], top: int = 6) -> dict[str, list[
     return out
 
 
-def _proc_status_kib() -> dict[str, int]:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return {k: int(v) for k, v in re.findall(r"^(Vm\w+):\s+(\d+) kB", f.read(), flags=re.M)}
-
-
-def _release_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def peak_memory_during(fn: Callable[[], Any], device: str = "cpu") -> tuple[int, int]:
-    """``(peak - base, base)`` in bytes of the memory used while ``fn()`` runs.
-
-    CPU: the process's peak resident set ``VmHWM`` (reset to the current resident set by writing 5
-    to ``/proc/self/clear_refs``) minus the resident set ``VmRSS`` before, after a garbage
-    collection and ``malloc_trim`` (Linux only). Memory that ``fn`` frees but the C allocator keeps
-    is invisible to the next call's baseline only if it returns to the OS, hence the fixed mmap
-    threshold in ``measure_memory``. CUDA: ``max_memory_allocated - memory_allocated``."""
-    _release_memory()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, base
-    base = _proc_status_kib()["VmRSS"] * 1024
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")
-    fn()
-    return _proc_status_kib()["VmHWM"] * 1024 - base, base
-
-
 def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of ``spec["steps"]`` optimiser steps per configuration and method (run in a
     fresh process, see ``measure_memory``).
@@ -358,7 +281,7 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
             key = m if i < len(order) else "repeat"
             res[key] = {"method": m, "peak_delta_mib": delta / MIB, "base_mib": base / MIB}
             del stepper
-            _release_memory()
+            release_memory()
         results[cfg.name] = res
     return results
 
@@ -845,22 +768,6 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _machine(device: str) -> dict[str, Any]:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "loadavg_start": list(os.getloadavg()),
-    }
-    if device.startswith("cuda"):
-        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
 MARKER = "<!-- hand-written reading below this line is kept when the script rewrites the file -->"
 
 
@@ -874,8 +781,8 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
         "",
         f"Produced by `{result['command']}` in {result['wall_s'] / 60:.1f} min "
         f"({'quick mode, tiny sizes: checks the pipeline, not the methods' if result['settings']['quick'] else 'full mode'}).",
-        f"Machine: `{mc['platform']}`, {mc['processor']}, {mc['cpu_count']} CPUs (load average "
-        f"{mc['loadavg_start'][0]:.1f} at the start, {mc['loadavg_end'][0]:.1f} at the end: shared), "
+        f"Machine: `{mc['platform']}`, {mc['cpu_model']}, {mc['cpu_count']} CPUs (load average "
+        f"{mc['load_average_start'][0]:.1f} at the start, {mc['load_average_end'][0]:.1f} at the end: shared), "
         f"device `{mc['device']}`{' (' + mc['device_name'] + ')' if 'device_name' in mc else ''}, "
         f"Python {mc['python']}, torch {mc['torch']}, {mc['torch_threads']} torch thread(s). "
         f"Raw numbers: [`{rel}/results.json`]({rel}/results.json).",
@@ -1185,7 +1092,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/score_matching.py", *argv]),
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
         "timing": {},
         "memory": {},
@@ -1240,7 +1147,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             result["quality"][data] = res
     plot_timing(result["timing"], result["memory"], out_dir / "timing.png")
     result["targets"] = targets(result)
-    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["machine"]["load_average_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - start
     (out_dir / "results.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n", encoding="utf-8")
     write_markdown(result, report, out_dir)
