@@ -33,7 +33,7 @@ from threestudio_ssd.baselines import (
 from threestudio_ssd.depth import DepthEstimator
 from threestudio_ssd.depth.estimator import Preprocessing
 from threestudio_ssd.stein import baseline_value_and_grad
-from threestudio_ssd.testing import hotelling_p_value, tiny_sd_vae_config
+from threestudio_ssd.testing import check_zero_mean, tiny_sd_vae_config
 
 FALSE_ALARM = 1e-4
 
@@ -323,43 +323,6 @@ def test_constant_baseline_and_registry():
 # ----------------------------------------------------------------------------------------------
 # Zero mean of the Stein control variate with the real depth baseline
 # ----------------------------------------------------------------------------------------------
-
-
-def stein_samples(phi_fn, x0: torch.Tensor, sigma: float, n: int, seed: int):
-    """``n`` draws of ``(eps, phi(x_t), grad phi(x_t))`` at ``x_t = x0 + sigma * eps``."""
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(n, *x0.shape[1:], generator=g)
-    phis, grads = [], []
-    for chunk in eps.split(64):
-        phi, grad = baseline_value_and_grad(phi_fn, x0 + sigma * chunk)
-        phis.append(phi)
-        grads.append(grad)
-    return eps, torch.cat(phis), torch.cat(grads), g
-
-
-def check_zero_mean(phi_fn, x0: torch.Tensor, sigma: float, n: int) -> dict[str, float]:
-    """p-values of the zero-mean test for the correct ``h`` and for two biased variants.
-
-    ``h`` is projected on K = 5 fixed unit directions: ``grad phi(x0)`` (where a bias shows) and 4
-    random ones. ``phi(x0) * eps`` (exactly zero-mean) is subtracted first, a control variate that
-    leaves the mean alone and shrinks the standard error.
-    """
-    phi0, grad0 = baseline_value_and_grad(phi_fn, x0)
-    eps, phi, grad, g = stein_samples(phi_fn, x0, sigma, n, seed=0)
-    d = eps[0].numel()
-    u = torch.stack(
-        [grad0.flatten() / grad0.norm()] + [torch.randn(d, generator=g) / d**0.5 for _ in range(4)]
-    )
-    p = phi.view(-1, *([1] * (eps.dim() - 1)))
-
-    def p_value(h: torch.Tensor) -> float:
-        return hotelling_p_value((h - phi0 * eps).flatten(1) @ u.T)
-
-    return {
-        "correct": p_value(eps * p - sigma * grad),  # h = eps phi - sigma grad phi
-        "paper_sign": p_value(eps * p + grad),  # the printed eps phi + grad phi
-        "stop_gradient": p_value(eps * p),  # grad phi through a detached estimator = 0
-    }
 
 
 @pytest.fixture(scope="module")

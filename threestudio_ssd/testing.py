@@ -190,6 +190,54 @@ def hotelling_p_value(samples: torch.Tensor) -> float:
     return float(stats.f.sf((n - p) / (p * (n - 1)) * t2.item(), p, n - p))
 
 
+def stein_samples(phi_fn, x0: torch.Tensor, sigma: float, n: int, seed: int):
+    """``n`` draws of ``(eps, phi(x_t), grad phi(x_t))`` at ``x_t = x0 + sigma * eps`` (``eps`` from a
+    CPU generator seeded ``seed``, moved to ``x0``'s device), and that generator."""
+    from threestudio_ssd.stein import baseline_value_and_grad
+
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(n, *x0.shape[1:], generator=g).to(x0.device)
+    phis, grads = [], []
+    for chunk in eps.split(64):
+        phi, grad = baseline_value_and_grad(phi_fn, x0 + sigma * chunk)
+        phis.append(phi)
+        grads.append(grad)
+    return eps, torch.cat(phis), torch.cat(grads), g
+
+
+def check_zero_mean(
+    phi_fn, x0: torch.Tensor, sigma: float, n: int, direction: torch.Tensor | None = None
+) -> dict[str, float]:
+    """p-values of the zero-mean test of the Stein control variate ``h = eps phi - sigma grad phi``
+    (``x_t = x0 + sigma eps``) and of two biased variants (the paper's printed ``eps phi + grad phi``
+    and ``eps phi``, i.e. a ``grad phi`` lost to a stop-gradient).
+
+    ``h`` is projected on K = 5 fixed unit directions: ``direction`` (default ``grad phi(x0)``, where
+    a bias shows) and 4 random ones. ``phi(x0) * eps`` (exactly zero-mean) is subtracted first, a
+    control variate that leaves the mean alone and shrinks the standard error.
+    """
+    from threestudio_ssd.stein import baseline_value_and_grad
+
+    phi0, grad0 = baseline_value_and_grad(phi_fn, x0)
+    direction = grad0 if direction is None else direction
+    eps, phi, grad, g = stein_samples(phi_fn, x0, sigma, n, seed=0)
+    d = eps[0].numel()
+    u = torch.stack(
+        [direction.flatten().cpu() / direction.norm().cpu()]
+        + [torch.randn(d, generator=g) / d**0.5 for _ in range(4)]
+    ).to(eps.device, eps.dtype)
+    p = phi.view(-1, *([1] * (eps.dim() - 1)))
+
+    def p_value(h: torch.Tensor) -> float:
+        return hotelling_p_value((h - phi0 * eps).flatten(1) @ u.T)
+
+    return {
+        "correct": p_value(eps * p - sigma * grad),  # h = eps phi - sigma grad phi
+        "paper_sign": p_value(eps * p + grad),  # the printed eps phi + grad phi
+        "stop_gradient": p_value(eps * p),  # grad phi through a detached estimator = 0
+    }
+
+
 class GaussianScoreModel(ScoreModel):
     """An analytic pixel-space ``ScoreModel`` for tests and benchmarks of the estimators: data
     ``x0 ~ N(m, diag(s^2))`` (``m``, ``s`` of shape ``[C, H, W]``) under the variance-preserving

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from jaxtyping import Float
 from torch import Tensor
 
+from threestudio_ssd.precision import call_in_precision
 from threestudio_ssd.score_models.base import ScoreModel, classifier_free_guidance
 from threestudio_ssd.score_models.image import resize_image
 
@@ -179,11 +180,13 @@ class StableDiffusionScoreModel(ScoreModel):
 
         Not clamped to ``[0, 1]`` (threestudio clamps for display): a decoded noisy latent may leave
         the range slightly, and the baselines downstream need ``phi(x_t)`` smooth with its true
-        gradient everywhere. Returned in ``x``'s dtype.
+        gradient everywhere. Returned in ``x``'s dtype. With half-precision weights the backward
+        is scaled per call (``threestudio_ssd.precision.call_in_precision``), so that ``grad phi``
+        of a baseline, whose entries at the image are ~1/N, is not flushed by float16.
         """
         self._check_latents(x, "decode")
-        image = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
-        return ((image + 1) / 2).to(x.dtype)
+        image = call_in_precision(lambda z: self.vae.decode(z).sample, x / self.scaling_factor, self.vae.dtype)
+        return (image + 1) / 2
 
     def decode_preview(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 h w"]:
         """``rgb = W x + b`` per latent pixel (a 1x1 convolution), differentiable in ``x``.
