@@ -21,6 +21,7 @@ EXPECTED = {
     "steindreamer-system",
     "stein-vertex-color-mesh-exporter",
     "stein-random-camera-datamodule",
+    "stein-mesh-rasterizer",
 }
 
 SCRIPT = r"""

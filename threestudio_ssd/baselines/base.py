@@ -149,7 +149,7 @@ class RenderOutputs:
         if depth_key is None or opacity_key is None:
             raise KeyError(
                 "RenderOutputs.from_threestudio needs 'depth'/'opacity' (or 'comp_depth'/'comp_mask') in the "
-                f"renderer output; it has {sorted(out)}. The mesh rasterizer renders no depth."
+                f"renderer output; it has {sorted(out)}. threestudio's nvdiff-rasterizer renders no depth (stein-mesh-rasterizer does)."
             )
         opacity = _squeeze_last(out[opacity_key]).clamp(0.0, 1.0)
         hit = opacity > 1e-6

@@ -10,6 +10,7 @@ folder of a model shipped in ``models/``):
 * ``stein-score-distillation-guidance`` (``guidance.py``)
 * ``steindreamer-system`` (``system.py``)
 * ``stein-vertex-color-mesh-exporter`` (``exporter.py``)
+* ``stein-mesh-rasterizer`` (``mesh_renderer.py``): ``nvdiff-rasterizer`` plus rendered depth
 * ``stein-random-camera-datamodule`` (``data.py``): threestudio's random cameras, resumable exactly
 """
 
@@ -24,7 +25,15 @@ cpu.setup_cpu()
 if not OmegaConf.has_resolver("ssd_model"):
     OmegaConf.register_new_resolver("ssd_model", lambda name: str(shipped_model(name)))
 
-from threestudio_ssd.threestudio import data, exporter, guidance, prompt_processor, renderer, system  # noqa: E402
+from threestudio_ssd.threestudio import (  # noqa: E402
+    data,
+    exporter,
+    guidance,
+    mesh_renderer,
+    prompt_processor,
+    renderer,
+    system,
+)
 from threestudio_ssd.threestudio.registry import REGISTERED_NAMES  # noqa: E402
 
-__all__ = ["REGISTERED_NAMES", "cpu", "data", "exporter", "guidance", "prompt_processor", "renderer", "system"]
+__all__ = ["REGISTERED_NAMES", "cpu", "data", "exporter", "mesh_renderer", "guidance", "prompt_processor", "renderer", "system"]

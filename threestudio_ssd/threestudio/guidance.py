@@ -466,7 +466,8 @@ class SteinScoreDistillationGuidance(BaseModule):
         if depth is None or opacity is None:
             raise ValueError(
                 f"guidance.baselines {list(self.cfg.baselines)} need the rendered depth and opacity, but the "
-                "renderer gave none (nvdiff-rasterizer renders no depth: use baselines [constant] in mesh stages)"
+                "renderer gave none (nvdiff-rasterizer renders no depth: in mesh stages use renderer_type: "
+                "stein-mesh-rasterizer, or baselines [constant])"
             )
         out = {
             key: None if value is None else value.float()

@@ -7,9 +7,10 @@ ProlificDreamer's:
 
 * ``coarse``: a volume (``implicit-volume`` NeRF, ``implicit-sdf`` NeuS, or the Gaussian-splatting
   extension); orient, sparsity, opaque, z-variance and eikonal regularisers.
-* ``geometry``: a mesh (``tetrahedra-sdf-grid`` + ``nvdiff-rasterizer``) distilled through its
-  normal map; normal-consistency and Laplacian regularisers. The rasterizer renders no depth, so
-  use the ``normal`` and/or ``constant`` baselines in this stage (a ``depth`` baseline raises).
+* ``geometry``: a mesh (``tetrahedra-sdf-grid`` + ``stein-mesh-rasterizer``, threestudio's
+  ``nvdiff-rasterizer`` plus rendered depth) distilled through its normal map; normal-consistency
+  and Laplacian regularisers. Every baseline runs here; with threestudio's ``nvdiff-rasterizer``
+  (no depth) only ``constant`` does, and ``depth``/``normal`` raise naming the renderer.
 * ``texture``: the mesh fixed, its texture distilled through the RGB render.
 
 Renderer keys read: ``comp_rgb``, ``opacity`` (or the Gaussian-splatting extension's
@@ -168,6 +169,10 @@ class SteinDreamer(BaseLift3DSystem):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        # geometry.shape_init (e.g. a DMTet sphere for a mesh stage started from scratch), as
+        # threestudio's mesh systems do; not on resume or when converted from a coarse stage
+        if not (self.resumed or self.cfg.geometry_convert_from) and hasattr(self.geometry, "initialize_shape"):
+            self.geometry.initialize_shape()
         # the data module is known only now: refuse render sizes the prior cannot use, before step 1
         data_cfg = getattr(getattr(self.trainer, "datamodule", None), "cfg", None)
         if isinstance(self.guidance, SteinScoreDistillationGuidance) and data_cfg is not None:
@@ -344,7 +349,9 @@ class SteinDreamer(BaseLift3DSystem):
 
     def _mesh_regularizers(self, out: dict[str, Any]) -> Tensor | float:
         if "mesh" not in out:
-            raise ValueError("system.stage=geometry needs a mesh renderer (e.g. nvdiff-rasterizer)")
+            raise ValueError(
+                "system.stage=geometry needs a mesh renderer (stein-mesh-rasterizer or nvdiff-rasterizer)"
+            )
         loss_normal_consistency = out["mesh"].normal_consistency()
         self.log("train/loss_normal_consistency", loss_normal_consistency)
         loss = loss_normal_consistency * self._lambda("normal_consistency")
