@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 EXAMPLES = {  # example configs -> the names they need from an extension that cannot be installed here
-    "steindreamer-gaussian-splatting.example.yaml": ["gaussian-splatting", "diff-gaussian-rasterizer"],
+    "steindreamer-gaussian-splatting.example.yaml": ["gaussian-splatting", "diff-gaussian-rasterizer-advanced"],
 }
 SECTIONS = ("geometry", "material", "background", "renderer", "guidance", "prompt_processor")
 

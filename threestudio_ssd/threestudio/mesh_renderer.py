@@ -85,9 +85,9 @@ class TorchRasterizerContext:
                 closer = z_min < best_z
                 if not closer.any():
                     continue
-                pick = lambda b: b.gather(1, k[:, None])[:, 0]  # noqa: E731
-                inv_w = 1.0 / w[t]  # perspective correction: weights b_i / w_i, renormalised
-                p0, p1, p2 = pick(b0) * inv_w[k, 0], pick(b1) * inv_w[k, 1], pick(b2) * inv_w[k, 2]
+                bary = torch.stack([b.gather(1, k[:, None])[:, 0] for b in (b0, b1, b2)], dim=1)  # [P, 3]
+                # perspective correction: weights b_i / w_i, renormalised
+                p0, p1, p2 = (bary / w[t][k]).unbind(dim=1)
                 total = p0 + p1 + p2
                 new = torch.stack([p0 / total, p1 / total, z_min, (start + k + 1).to(pos.dtype)], dim=1)
                 rast = torch.where(closer[:, None], new, rast)

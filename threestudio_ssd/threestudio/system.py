@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,9 +48,11 @@ from typing import Any
 import threestudio
 import torch
 from threestudio.systems.base import BaseLift3DSystem
+from threestudio.systems.utils import parse_optimizer
 from threestudio.utils.ops import binary_cross_entropy, dot
 from torch import Tensor
 
+from threestudio_ssd.baselines.ops import ray_directions
 from threestudio_ssd.threestudio.data import seed_step
 from threestudio_ssd.threestudio.guidance import SteinScoreDistillationGuidance
 from threestudio_ssd.threestudio.registry import register
@@ -60,6 +63,14 @@ MONITOR_SEED_STRIDE = 1_000_003
 #: checkpoint key of every data-parallel rank's guidance extra state (noise generators), rank order
 PER_RANK_KEY = "guidance_extra_state_per_rank"
 GUIDANCE_STATE_KEY = "guidance._extra_state"
+#: the Gaussian-splatting extension's geometry methods this system calls (``is_gaussian_geometry``)
+GAUSSIAN_HOOKS = (
+    "merge_optimizer",
+    "update_learning_rate",
+    "update_states",
+    "create_from_pcd",
+    "training_setup",
+)
 
 
 def gather_per_rank(state: Any) -> list[Any] | None:
@@ -128,13 +139,35 @@ def parse_variance_monitor(values: Any) -> VarianceMonitorConfig:
     return monitor
 
 
-def render_geometry_for_guidance(out: dict[str, Any]) -> dict[str, Tensor | None]:
+def is_gaussian_geometry(geometry: Any) -> bool:
+    """Whether ``geometry`` is the Gaussian-splatting extension's (``gaussian-splatting`` of
+    DSaurus/threestudio-3dgs): it owns an optimiser with per-parameter learning rates and adaptive
+    density control (``merge_optimizer``, ``update_learning_rate``, ``update_states``)."""
+    return all(callable(getattr(geometry, name, None)) for name in GAUSSIAN_HOOKS)
+
+
+def render_geometry_for_guidance(
+    out: dict[str, Any], batch: dict[str, Any] | None = None
+) -> dict[str, Tensor | None]:
     """The renderer's ``depth``, ``opacity`` and ``comp_normal`` (``[B, H, W, 1|3]``, threestudio's
     encodings, ``None`` where the renderer has none), read under the volume renderers' names or the
     Gaussian-splatting extension's (``comp_depth``, ``comp_mask``). The guidance decodes them
-    (``threestudio_ssd.baselines.RenderOutputs.from_threestudio``)."""
-    depth = out["depth"] if "depth" in out else out.get("comp_depth")
-    opacity = out["opacity"] if "opacity" in out else out.get("comp_mask")
+    (``threestudio_ssd.baselines.RenderOutputs.from_threestudio``).
+
+    The extension's ``comp_depth`` (``diff-gaussian-rasterizer-advanced``) is the alpha-blended
+    camera z of the Gaussians' centres, not the distance along the ray that the baselines use: it
+    is converted here, ``distance = z |d|`` for the pixel's ray direction ``d = (x, y, -1)`` in
+    camera coordinates (needs ``batch["fovy"]``)."""
+    depth, opacity = out.get("depth"), out.get("opacity")
+    if depth is None and out.get("comp_depth") is not None:
+        depth = out["comp_depth"]
+        if batch is None or batch.get("fovy") is None:
+            raise ValueError("converting the Gaussian splats' z-depth to ray distance needs batch['fovy']")
+        fovy_deg = torch.as_tensor(batch["fovy"]).reshape(-1) * (180.0 / math.pi)
+        ray_length = ray_directions(depth.shape[1], depth.shape[2], fovy_deg, normalize=False).norm(dim=-1)
+        depth = depth * ray_length[..., None].to(depth)
+    if opacity is None:
+        opacity = out.get("comp_mask")
     return {"depth": depth, "opacity": opacity, "comp_normal": out.get("comp_normal")}
 
 
@@ -161,6 +194,9 @@ class SteinDreamer(BaseLift3DSystem):
         self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         self.prompt_utils = self.prompt_processor()
+        self.gaussians = is_gaussian_geometry(self.geometry)
+        if self.gaussians:  # the extension's optimiser and density control run by hand, as its system does
+            self.automatic_optimization = False
         if self.monitor.every > 0 and not isinstance(self.guidance, SteinScoreDistillationGuidance):
             raise ValueError(
                 "system.variance_monitor needs guidance_type: stein-score-distillation-guidance, got "
@@ -171,7 +207,9 @@ class SteinDreamer(BaseLift3DSystem):
         super().on_fit_start()
         # geometry.shape_init (e.g. a DMTet sphere for a mesh stage started from scratch), as
         # threestudio's mesh systems do; not on resume or when converted from a coarse stage
-        if not (self.resumed or self.cfg.geometry_convert_from) and hasattr(self.geometry, "initialize_shape"):
+        if not (self.resumed or self.cfg.geometry_convert_from) and hasattr(
+            self.geometry, "initialize_shape"
+        ):
             self.geometry.initialize_shape()
         # the data module is known only now: refuse render sizes the prior cannot use, before step 1
         data_cfg = getattr(getattr(self.trainer, "datamodule", None), "cfg", None)
@@ -201,10 +239,45 @@ class SteinDreamer(BaseLift3DSystem):
         key = f"lambda_{name}"
         return self.C(self.cfg.loss[key]) if key in self.cfg.loss else 0.0
 
+    def configure_optimizers(self) -> Any:
+        if not self.gaussians:
+            return super().configure_optimizers()
+        # the geometry's optimiser (per-parameter learning rates, named groups that its density
+        # control edits) merged with ours for everything else (the guidance's mu, ...)
+        params = self.cfg.optimizer.get("params") if self.cfg.optimizer else None
+        if not params:
+            return [self.geometry.optimizer]
+        if any(name == "geometry" or name.startswith("geometry.") for name in params):
+            raise ValueError(
+                "system.optimizer.params must not list geometry with a Gaussian-splatting geometry: "
+                "its own optimiser has the learning rates (system.geometry.position_lr, ...)"
+            )
+        return [self.geometry.merge_optimizer(parse_optimizer(self.cfg.optimizer, self))]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        if self.gaussians:
+            return self._gaussian_training_step(batch)
+        return {"loss": self._loss(self(batch), batch)}
+
+    def _gaussian_training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The extension's step order: learning rates for this step, render, loss, backward,
+        density statistics and control from the screen-space gradients, optimiser step."""
+        optimizer = self.optimizers()
+        step = self.true_global_step
+        self.geometry.update_learning_rate(step)
         out = self(batch)
+        loss = self._loss(out, batch)
+        self.manual_backward(loss)
+        self.geometry.update_states(step, out["visibility_filter"], out["radii"], out["viewspace_points"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/n_gaussians", float(self.geometry.get_xyz.shape[0]))
+        return {"loss": loss.detach()}
+
+    def _loss(self, out: dict[str, Any], batch: dict[str, Any]) -> Tensor:
+        """The guidance's weighted losses plus this stage's regularisers, logged."""
         guidance_inp = out["comp_normal"] if self.cfg.stage == "geometry" else out["comp_rgb"]
-        guidance_kwargs = {**batch, **render_geometry_for_guidance(out)}
+        guidance_kwargs = {**batch, **render_geometry_for_guidance(out, batch)}
         guidance_out = self.guidance(guidance_inp, self.prompt_utils, **guidance_kwargs, rgb_as_latents=False)
         if self.monitor.every > 0 and self.true_global_step % self.monitor.every == 0:
             self.monitor_variance(guidance_inp, guidance_kwargs)
@@ -228,7 +301,7 @@ class SteinDreamer(BaseLift3DSystem):
 
         for name, value in self.cfg.loss.items():
             self.log(f"train_params/{name}", self.C(value))
-        return {"loss": loss}
+        return loss
 
     # -- variance monitor -------------------------------------------------------------------------
 
@@ -270,6 +343,15 @@ class SteinDreamer(BaseLift3DSystem):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.variance_history = list(checkpoint.get("variance_monitor", []))
+        if self.gaussians and "geometry._xyz" in checkpoint.get("state_dict", {}):
+            # the saved cloud's size (density control changed it): rebuild the parameters and the
+            # optimiser at that size so that the state dict and the optimiser state load
+            n = checkpoint["state_dict"]["geometry._xyz"].shape[0]
+            zeros = torch.zeros(n, 3).numpy()
+            self.geometry.create_from_pcd(
+                types.SimpleNamespace(points=zeros, colors=zeros, normals=zeros), 10
+            )
+            self.geometry.training_setup()
         # runs before Lightning loads the state dict, so this rank's entry replaces rank 0's
         select_rank_state(checkpoint, self.guidance.rank)
 
@@ -361,7 +443,7 @@ class SteinDreamer(BaseLift3DSystem):
             loss = loss + loss_laplacian_smoothness * self._lambda("laplacian_smoothness")
         return loss
 
-    def _image_grid(self, out: dict[str, Any]) -> list[dict[str, Any]]:
+    def _image_grid(self, out: dict[str, Any], batch: dict[str, Any]) -> list[dict[str, Any]]:
         grid: list[dict[str, Any]] = []
         if "comp_rgb" in out:
             grid.append({"type": "rgb", "img": out["comp_rgb"][0], "kwargs": {"data_format": "HWC"}})
@@ -373,7 +455,7 @@ class SteinDreamer(BaseLift3DSystem):
                     "kwargs": {"data_format": "HWC", "data_range": (0, 1)},
                 }
             )
-        render = render_geometry_for_guidance(out)
+        render = render_geometry_for_guidance(out, batch)
         if render["depth"] is not None:
             grid.append({"type": "grayscale", "img": render["depth"][0, :, :, 0], "kwargs": {}})
         if render["opacity"] is not None:
@@ -390,7 +472,7 @@ class SteinDreamer(BaseLift3DSystem):
         out = self(batch)
         self.save_image_grid(
             f"it{self.true_global_step}-{batch['index'][0]}.png",
-            self._image_grid(out),
+            self._image_grid(out, batch),
             name="validation_step",
             step=self.true_global_step,
         )
@@ -402,7 +484,7 @@ class SteinDreamer(BaseLift3DSystem):
         out = self(batch)
         self.save_image_grid(
             f"it{self.true_global_step}-test/{batch['index'][0]}.png",
-            self._image_grid(out),
+            self._image_grid(out, batch),
             name="test_step",
             step=self.true_global_step,
         )
