@@ -25,7 +25,7 @@ import types
 
 # (module name, what it provides, how to get it) in import order: the ``nvdiffrast`` placeholder
 # must exist before ``envlight`` is tried, because PyPI's envlight imports nvdiffrast.
-_CUDA_ONLY = (
+_PLACEHOLDERS = (
     ("tinycudann", "hash-grid encodings and fused MLPs", "build it from NVlabs/tiny-cuda-nn (CUDA)"),
     ("nvdiffrast", "the mesh rasterizer (nvdiff-rasterizer, DMTet stages)", "build NVlabs/nvdiffrast (CUDA)"),
     (
@@ -35,6 +35,11 @@ _CUDA_ONLY = (
     ),
     ("envlight", "environment lighting for the pbr-material", "pip install --no-deps envlight==0.1.0"),
     ("controlnet_aux", "ControlNet edge/normal detectors", "pip install controlnet_aux"),
+    # not CUDA-only, but imported by threestudio.utils at import time for features no config here
+    # uses (winding numbers of a shape_init mesh, Weights & Biases logging); absent on a bare GPU
+    # image, where scripts/gpu_check.sh brings only what the check runs
+    ("igl", "winding numbers and OBJ reading for geometry.shape_init from a mesh", "pip install 'libigl<2.6'"),
+    ("wandb", "Weights & Biases logging (system.loggers.wandb)", "pip install wandb"),
 )
 
 _PLACEHOLDER_FLAG = "__threestudio_ssd_placeholder__"
@@ -104,10 +109,10 @@ def _importable(name: str) -> bool:
 
 
 def install_placeholders() -> list[str]:
-    """Put a placeholder into ``sys.modules`` for every CUDA-only package threestudio imports that
-    cannot be imported here; returns the names that got one (empty where all are real)."""
+    """Put a placeholder into ``sys.modules`` for every package of :data:`_PLACEHOLDERS` (CUDA-only,
+    or optional and imported by threestudio at import time) that cannot be imported here; returns the names that got one (empty where all are real)."""
     installed = []
-    for name, purpose, hint in _CUDA_ONLY:
+    for name, purpose, hint in _PLACEHOLDERS:
         if _importable(name):
             continue
         module = _PlaceholderModule(name, purpose, hint)

@@ -171,6 +171,17 @@ def render_geometry_for_guidance(
     return {"depth": depth, "opacity": opacity, "comp_normal": out.get("comp_normal")}
 
 
+def video_format() -> str:
+    """``mp4`` where imageio can write it (the ``imageio-ffmpeg`` package), else ``gif`` with a
+    warning, so that a machine without ffmpeg still gets its test video after training."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        warnings.warn("imageio-ffmpeg is not installed: the test video is written as a GIF", stacklevel=2)
+        return "gif"
+    return "mp4"
+
+
 @register("steindreamer-system")
 class SteinDreamer(BaseLift3DSystem):
     """Renders, distills with the configured guidance (SSD, or SDS for ablations), regularises."""
@@ -494,7 +505,7 @@ class SteinDreamer(BaseLift3DSystem):
             f"it{self.true_global_step}-test",
             f"it{self.true_global_step}-test",
             r"(\d+)\.png",
-            save_format="mp4",
+            save_format=video_format(),
             fps=30,
             name="test",
             step=self.true_global_step,
