@@ -41,8 +41,8 @@ the median per-step time of each arm, the ratios of medians and the medians of t
 frozen SD 2.1-base UNet and VAE between ``sds``, ``ssd`` and the pretrained branch of the
 threestudio guidances (same architecture, dtype and device, so the same compute; ``--no-share``
 turns this off). One further step of each SSD arm present is split by timers into its parts
-(``breakdown_ssd``: VAE encode, UNet, VAE decode, depth forward, backward through each;
-``breakdown_ssd_preview``: the same with the preview decoder).
+(``breakdown_ssd``, ``breakdown_ssd_preview``: the arm's own step split by
+``ScoreDistillation``'s phase hook into encode, UNet, decode, depth + phi, their backward).
 
 Peak memory: every arm in a fresh subprocess that loads only that arm's models (no sharing) and
 runs ``--memory-steps`` steps. On the CPU: resident set after loading (``VmRSS``), and the peak
@@ -86,6 +86,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip i
 
 from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
     GIB,
+    PhaseTimer,
     interleaved_rounds,
     machine,
     proc_status_kib,
@@ -542,6 +543,7 @@ class Arm:
     step: Callable[[], None]
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     notes: str = ""
+    distillation: Any = None  # our arms' ScoreDistillation (its phase hook splits the step)
 
 
 @dataclass
@@ -642,7 +644,7 @@ def build_ours(name: str, shared: Shared, inputs: Inputs, s: Settings) -> Arm:
             f"before timing in {fit.get('fit_s', math.nan):.2f} s, R^2 {fit.get('r2', math.nan):.3f}); "
             "no VAE decoder in the step"
         )
-    return Arm(name, step, modules, notes)
+    return Arm(name, step, modules, notes, distillation=dist)
 
 
 def setup_threestudio(src: str | None) -> Any:
@@ -758,45 +760,27 @@ def time_interleaved(arms: list[Arm], s: Settings) -> dict[str, list[float]]:
     return {name: [r["step"] for r in rounds] for name, rounds in per_round.items()}
 
 
-def breakdown_ssd(shared: Shared, inputs: Inputs, s: Settings, decoder: str = "full") -> dict[str, float]:
-    """One SSD step split by timers into its parts (seconds), computed by the same modules and
-    functions ``ScoreDistillation`` uses: encode, guided UNet call, and the baseline's
-    ``phi(decode(x_t))`` with its gradient taken in two halves (through the depth network, then
-    through the decoder). ``decoder``: ``"full"`` (``decode``, parts ``vae_decode_*``) or
-    ``"preview"`` (``decode_preview``, parts ``preview_decode_*``; fitted beforehand). ``ssd_extra``
-    is the sum of the baseline's four parts: what SSD adds to SDS (``mu``'s least-squares update
-    aside)."""
-    sm, baseline = shared.score_model, shared.baseline
-    decode, dec = (sm.decode_preview, "preview_decode") if decoder == "preview" else (sm.decode, "vae_decode")
-    g = torch.Generator(device=s.device).manual_seed(s.seed + 1)
-    parts: dict[str, float] = {}
-
-    def timed(key: str, fn: Callable[[], Any]) -> Any:
-        synchronize(s.device)
-        start = time.perf_counter()
-        value = fn()
-        synchronize(s.device)
-        parts[key] = time.perf_counter() - start
-        return value
-
-    rgb = inputs.rgb.detach().clone().requires_grad_(True)
-    x0 = timed("vae_encode_forward", lambda: sm.encode(rgb, generator=g))
-    t = torch.full((1,), 0.5, device=x0.device, dtype=x0.dtype)
-    eps = torch.randn(x0.shape, generator=g, device=s.device).to(x0)
-    x_t = sm.add_noise(x0.detach(), eps, t)
-    eps_hat = timed("unet_guided_forward", lambda: sm.eps(x_t, t, inputs.cond, 7.5))
-    x = x_t.detach().clone().requires_grad_(True)
-    image = timed(f"{dec}_forward", lambda: decode(x))
-    render = inputs.render.resized(*image.shape[-2:]).detached()
-    phi = timed("depth_phi_forward", lambda: baseline(image, render).phi)
-    (grad_image,) = timed("depth_phi_backward", lambda: torch.autograd.grad(phi.sum(), image))
-    timed(f"{dec}_backward", lambda: torch.autograd.grad(image, x, grad_outputs=grad_image))
-    grad = sm.weight(t).view(-1, 1, 1, 1) * (eps_hat - eps)
-    loss = 0.5 * (x0 - (x0 - grad).detach()).pow(2).sum()
-    timed("vae_encode_backward", loss.backward)
-    parts["ssd_extra"] = sum(
-        parts[k] for k in (f"{dec}_forward", "depth_phi_forward", "depth_phi_backward", f"{dec}_backward")
-    )
+def breakdown_ssd(arm: Arm, inputs: Inputs, s: Settings) -> dict[str, float]:
+    """One step of an SSD arm's own ``ScoreDistillation`` split into its parts (seconds) by its
+    phase hook (``benchmarks.harness.PhaseTimer``), so the split is of the step that is timed:
+    ``encode``, ``score_model`` (noising + guided UNet), ``baselines`` (= ``ssd_extra``, what SSD
+    adds to SDS aside from ``mu``'s update: ``decode`` (VAE or preview decoder), ``phi`` (depth
+    network + baseline) and ``phi_backward``, the exact gradient back through both), and
+    ``encode_backward`` (the loss's backward to the render)."""
+    dist = arm.distillation
+    timer = PhaseTimer(s.device)
+    dist.phase = timer.phase
+    try:
+        rgb = inputs.rgb.detach().clone().requires_grad_(True)
+        generator = torch.Generator(device=s.device).manual_seed(s.seed + 1)
+        out = dist(rgb, inputs.cond, render=inputs.render, generator=generator)
+        with timer.phase("encode_backward"):
+            out.loss.backward()
+    finally:
+        del dist.phase  # back to the class's no-op
+    parts = dict(timer.seconds)
+    parts["phi_backward"] = parts["baselines"] - parts["decode"] - parts["phi"]
+    parts["ssd_extra"] = parts["baselines"]
     return parts
 
 
@@ -1023,15 +1007,15 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
     times = time_interleaved(arms, s)
     result["arms"], result["ratios"] = summarise(times)
     result["targets"] = targets(result["ratios"])
-    for name, decoder in SSD_ARMS.items():
-        if not (s.breakdown and name in result["arms"]):
+    for arm in arms:
+        if not (s.breakdown and arm.name in SSD_ARMS):
             continue
-        _step(f"{name} step split into parts")
-        key = BREAKDOWN_KEYS[name]
-        result[key] = breakdown_ssd(shared, inputs, s, decoder)
+        _step(f"{arm.name} step split into parts")
+        key = BREAKDOWN_KEYS[arm.name]
+        result[key] = breakdown_ssd(arm, inputs, s)
         if "sds" in result["arms"]:
             result[key]["ssd_minus_sds_median"] = (
-                result["arms"][name]["median_s"] - result["arms"]["sds"]["median_s"]
+                result["arms"][arm.name]["median_s"] - result["arms"]["sds"]["median_s"]
             )
     if not s.device.startswith("cuda"):
         result["timing_process_peak_rss_gib"] = proc_status_kib()["VmHWM"] * 1024 / GIB

@@ -5,6 +5,7 @@
   ratio within a round, so every function sees the same machine load (these machines are shared).
 * :func:`peak_memory_during`: the peak memory a call adds (CUDA: allocated bytes; CPU: the peak
   resident set, reset through ``/proc/self/clear_refs``).
+* :class:`PhaseTimer`: seconds per named part of a call (``ScoreDistillation.phase``).
 * :func:`machine`: which machine and software produced a number (device name with the card, CPU
   model, threads, versions, load average).
 
@@ -80,6 +81,25 @@ def interleaved_rounds(
             if r >= warmup:
                 per_round[name].append({p: sum(c[p] for c in calls) / steps_per_round for p in calls[0]})
     return per_round
+
+
+class PhaseTimer:
+    """Seconds per named part of one call: ``timer.phase(name)`` is a context manager (nested
+    phases are timed each on their own), the device synchronised at both ends. Set as
+    ``ScoreDistillation.phase`` it splits the real step without re-implementing it."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -57,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lcss_prior.sde import SDE, per_sample, randn_like
+from lcss_prior.sde import SDE, draw, per_sample, randn_like
 
 ScoreFn = Callable[[Tensor], Tensor]
 """``score_fn(x [N, ...]) -> S(x) [N, ...]``."""
@@ -360,9 +360,8 @@ class SDELoss:
         self, batch: int, generator: torch.Generator | None = None, like: Tensor | None = None
     ) -> Float[Tensor, " B"]:
         """``t ~ U[t_eps, T]``, ``[batch]``, on ``like``'s device and dtype."""
-        device = generator.device if generator is not None else None
         dtype = like.dtype if like is not None else torch.get_default_dtype()
-        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        u = draw("uniform", (batch,), generator, dtype=dtype)  # on the generator's device, then moved
         t = self.t_eps + (self.sde.T - self.t_eps) * u
         return t.to(like.device) if like is not None else t
 

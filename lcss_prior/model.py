@@ -22,6 +22,8 @@ from diffusers import UNet2DModel
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from lcss_prior.sde import generator_device
+
 # Per-level widths, ResNet blocks per level and the largest feature size (pixels) that still gets
 # self-attention. The number of levels used is what the resolution allows (smallest map >= 2 px).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -271,7 +273,10 @@ class EpsNetwork(nn.Module):
         """
         if not self.training or self.null_class is None or self.p_uncond == 0.0:
             return class_labels
-        u = torch.rand(class_labels.shape, generator=generator, device=class_labels.device)
+        u = torch.rand(
+            class_labels.shape, generator=generator, device=generator_device(generator, class_labels)
+        )
+        u = u.to(class_labels.device)
         return torch.where(u < self.p_uncond, torch.full_like(class_labels, self.null_class), class_labels)
 
 

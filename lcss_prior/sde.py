@@ -34,7 +34,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,11 +82,36 @@ def per_sample(v: Float[Tensor, " B"], x: Float[Tensor, "B ..."]) -> Float[Tenso
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
 
 
+def generator_device(generator: torch.Generator | None, like: Tensor | None = None) -> torch.device | None:
+    """Where ``generator`` draws: its own device, else ``like``'s (else the default device)."""
+    if generator is not None:
+        return generator.device
+    return like.device if like is not None else None
+
+
+def draw(
+    kind: str,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    like: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``torch.randn`` (``kind="normal"``) or ``torch.rand`` (``"uniform"``) of ``shape``, drawn on
+    ``generator``'s device in ``dtype`` (default ``like``'s) and moved to ``like``'s device and dtype:
+    the one way this project seeds noise, so a CPU generator also seeds GPU runs and a draw does not
+    depend on the device the result lives on. (Drawing in float32 and casting after is not the same
+    stream as drawing in the target dtype: callers that need the former pass ``dtype``.)"""
+    sample = {"normal": torch.randn, "uniform": torch.rand}[kind]
+    draw_dtype = dtype if dtype is not None else (like.dtype if like is not None else None)
+    out = sample(
+        tuple(shape), generator=generator, device=generator_device(generator, like), dtype=draw_dtype
+    )
+    return out.to(device=like.device, dtype=like.dtype) if like is not None else out
+
+
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``N(0, I)`` noise shaped like ``x``, drawn from ``generator`` (on the generator's device) and
-    moved to ``x``'s device, so a CPU generator also seeds GPU runs."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    """``N(0, I)`` noise shaped like ``x`` (:func:`draw` in ``x``'s dtype)."""
+    return draw("normal", x.shape, generator, like=x)
 
 
 def _check_time(t: Tensor | float, x: Tensor | None = None) -> Tensor:

@@ -77,18 +77,14 @@ def test_quick_run_times_our_arms_and_records_the_device(quick_run):
     env = saved["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["torch_threads"] == 1
     assert env["device_name"] and env["dtype"] == "float32"
-    # the SSD split: every part timed, the extra cost is the sum of the baseline's four parts
-    split = saved["breakdown_ssd"]
-    parts = ("vae_decode_forward", "depth_phi_forward", "depth_phi_backward", "vae_decode_backward")
-    others = ("vae_encode_forward", "unet_guided_forward", "vae_encode_backward")
-    assert _finite_positive(split[k] for k in (*parts, *others))
-    assert split["ssd_extra"] == pytest.approx(sum(split[k] for k in parts))
-    # the same split with the preview decoder: its own decode parts, the same SDS parts
-    split = saved["breakdown_ssd_preview"]
-    parts = ("preview_decode_forward", "depth_phi_forward", "depth_phi_backward", "preview_decode_backward")
-    assert _finite_positive(split[k] for k in (*parts, *others))
-    assert split["ssd_extra"] == pytest.approx(sum(split[k] for k in parts))
-    assert not any(k.startswith("vae_decode") for k in split)
+    # the SSD split, of the arm's own step (ScoreDistillation's phase hook): every part timed, the
+    # extra cost is the baselines' phase (decode + phi + their backward)
+    parts = ("encode", "score_model", "decode", "phi", "phi_backward", "encode_backward")
+    for key in ("breakdown_ssd", "breakdown_ssd_preview"):
+        split = saved[key]
+        assert _finite_positive(split[k] for k in parts), split
+        assert split["ssd_extra"] == split["baselines"]
+        assert split["baselines"] == pytest.approx(split["decode"] + split["phi"] + split["phi_backward"])
     assert split["ssd_minus_sds_median"] == pytest.approx(medians["ssd-preview"] - medians["sds"])
     # the preview decoder's fit: timed once, its R^2 recorded with the random-weights caveat
     fit = saved["preview_fit"]

@@ -40,10 +40,11 @@ optimiser, the caller's generator and ``resume_state()`` continues exactly as an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from lcss_prior.sde import draw, generator_device
 from threestudio_ssd.baselines.base import Baseline, ConstantBaseline, RenderOutputs
 from threestudio_ssd.score_models.base import ScoreModel
 from threestudio_ssd.score_models.image import resize_image
@@ -443,6 +445,16 @@ class ScoreDistillation(nn.Module):
 
     # -- the step ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _no_phase(name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    #: ``phase(name)`` is entered around each part of a step: ``encode``, ``score_model`` (noising
+    #: and the guided prediction), ``baselines`` (their values and exact gradients; inside it
+    #: ``decode`` and ``phi``). A no-op; a benchmark sets a timer here to split the real step
+    #: (``benchmarks.harness.PhaseTimer``).
+    phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
+
     def forward(
         self,
         rgb: Float[Tensor, "B 3 H W"],
@@ -461,7 +473,8 @@ class ScoreDistillation(nn.Module):
         (VSD) the cameras, by default ``render.c2w``. ``update_mu=False`` is evaluation: ``mu`` is
         left untouched and no particle loss is returned."""
         cfg = self.config
-        x0 = self._model_input(rgb, rgb_as_latents, generator)
+        with self.phase("encode"):
+            x0 = self._model_input(rgb, rgb_as_latents, generator)
         batch, n = x0.shape[0], cfg.noise_draws
         camera = self._camera(c2w, render, batch)
         t, eps = self._draw(x0, t_range, generator)
@@ -606,7 +619,7 @@ class ScoreDistillation(nn.Module):
         m = n // 2 if cfg.antithetic == "pairs" else n
         u = self._uniforms(m, batch, generator, x0, advance and not independent, independent)
         t = (lo + (hi - lo) * u).to(device=x0.device, dtype=x0.dtype)
-        eps = _randn((m * batch, *x0.shape[1:]), generator, x0)
+        eps = draw("normal", (m * batch, *x0.shape[1:]), generator, like=x0, dtype=torch.float32)
         if cfg.antithetic == "pairs":
             t, eps = torch.cat([t, t]), torch.cat([eps, -eps])
         if cfg.antithetic == "steps" and advance and not independent:
@@ -623,7 +636,7 @@ class ScoreDistillation(nn.Module):
         independent: bool,
     ) -> Tensor:
         """``u [m B]`` in ``[0, 1)``, each ``U[0, 1)`` marginally, by ``t_sampling``."""
-        device = _device(generator, like)
+        device = generator_device(generator, like)
         mode = self.config.t_sampling
         if mode == "uniform":
             return torch.rand(m * batch, generator=generator, device=device)
@@ -701,7 +714,7 @@ class ScoreDistillation(nn.Module):
         the raw SSD (SDS, VSD) gradient, the SDS gradient on the same noise, and what ``mu`` is
         fitted from."""
         sm = self.score_model
-        with torch.no_grad():
+        with torch.no_grad(), self.phase("score_model"):
             x_t = sm.add_noise(x0, eps, t)
             eps_hat = sm.eps(x_t, t, cond, self.config.guidance_scale)
             weight = sm.weight(t) if self.config.weighting == "sds" else torch.ones_like(t)
@@ -754,16 +767,19 @@ class ScoreDistillation(nn.Module):
         validity: list[Tensor] = []
 
         def phi_fn(x: Tensor) -> Tensor:
-            image = decode(x)
+            with self.phase("decode"):
+                image = decode(x)
             if policy == "image":
                 r = render.resized(*image.shape[-2:])
             else:
                 image, r = resize_image(image, render.resolution), render
-            outs = [b(image, r) for b in baselines]
+            with self.phase("phi"):
+                outs = [b(image, r) for b in baselines]
             validity.append(torch.stack([o.valid.to(torch.bool) for o in outs], dim=1))
             return torch.stack([o.phi for o in outs], dim=1)
 
-        phis, grads = baseline_value_and_grad(phi_fn, x_t, n_baselines=len(baselines))
+        with self.phase("baselines"):
+            phis, grads = baseline_value_and_grad(phi_fn, x_t, n_baselines=len(baselines))
         return phis, grads, validity[-1]
 
     def _stats(self, grad: Tensor, raw: Tensor, step: _Step, update: bool) -> dict[str, float]:
@@ -814,17 +830,6 @@ def _unique_names(names: Sequence[str]) -> tuple[str, ...]:
             name = f"{name}_{seen[name]}"
         out.append(name)
     return tuple(out)
-
-
-def _device(generator: torch.Generator | None, like: Tensor) -> torch.device:
-    return generator.device if generator is not None else like.device
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal noise from ``generator`` (on its device), moved to ``like``'s device/dtype."""
-    return torch.randn(tuple(shape), generator=generator, device=_device(generator, like)).to(
-        device=like.device, dtype=like.dtype
-    )
 
 
 def _repeat_draws(x: Tensor, n: int) -> Tensor:

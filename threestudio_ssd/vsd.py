@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from lcss_prior.guidance import classifier_free_guidance
 from lcss_prior.losses import SDELoss
 from lcss_prior.model import EpsNetwork
+from lcss_prior.sde import generator_device
 from threestudio_ssd.score_models.base import ScoreModel
 
 __all__ = [
@@ -248,7 +249,7 @@ class ParticleScoreModel(nn.Module):
         if c2w.shape[0] != x0.shape[0]:
             raise ValueError(f"c2w has batch {c2w.shape[0]} but x0 has {x0.shape[0]}")
         if self.camera_dropout > 0:
-            device = generator.device if generator is not None else x0.device
+            device = generator_device(generator, x0)
             drop = (
                 torch.rand(x0.shape[0], generator=generator, device=device).to(x0.device)
                 < self.camera_dropout

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from jaxtyping import Float
 from torch import Tensor
 
+from lcss_prior.sde import generator_device
 from threestudio_ssd.precision import call_in_precision
 from threestudio_ssd.score_models.base import ScoreModel, classifier_free_guidance
 from threestudio_ssd.score_models.image import resize_image
@@ -171,7 +172,7 @@ class StableDiffusionScoreModel(ScoreModel):
         if self.latent_sampling == "mean":
             z = posterior.mean
         else:
-            n = torch.randn(posterior.mean.shape, generator=generator, device=_gen_device(generator, rgb))
+            n = torch.randn(posterior.mean.shape, generator=generator, device=generator_device(generator, rgb))
             z = posterior.mean + posterior.std * n.to(device=rgb.device, dtype=posterior.mean.dtype)
         return (z * self.scaling_factor).to(rgb.dtype)
 
@@ -349,5 +350,3 @@ def fit_affine_map(
     return solution[:channels].T.contiguous(), solution[channels].contiguous(), r2
 
 
-def _gen_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
-    return generator.device if generator is not None else like.device
