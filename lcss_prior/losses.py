@@ -57,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lcss_prior.sde import SDE, draw, per_sample, randn_like
+from lcss_prior.sde import SDE, append_dims, draw, randn_like
 
 ScoreFn = Callable[[Tensor], Tensor]
 """``score_fn(x [N, ...]) -> S(x) [N, ...]``."""
@@ -92,13 +92,13 @@ def _scale(value: float | Tensor, x: Tensor, name: str) -> Tensor:
         raise ValueError(
             f"{name} must be positive and finite, got values in [{float(s.min())}, {float(s.max())}]"
         )
-    return per_sample(s, x)
+    return append_dims(s, x.ndim)
 
 
 def _unit_directions(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """``u`` uniform on the unit sphere of the data space, one per sample."""
     u = randn_like(x, generator)
-    return u / per_sample(u.flatten(1).norm(dim=1), x)
+    return u / append_dims(u.flatten(1).norm(dim=1), x.ndim)
 
 
 LCSS_BIAS_WARNING = 0.01
@@ -212,7 +212,7 @@ def ssm_loss(
         v = randn_like(xr, generator)
         (vjp,) = torch.autograd.grad(_dot(v, score).sum(), xr, create_graph=True)
     trace = v * vjp  # per-element contributions of v^T grad S v
-    quad = 0.5 * score**2 if variance_reduced else 0.5 * per_sample(_dot(v, score), v) * v * score
+    quad = 0.5 * score**2 if variance_reduced else 0.5 * append_dims(_dot(v, score), v.ndim) * v * score
     # the plain term 0.5 (v.S)^2 is written per element as 0.5 (v.S) v_i S_i so that "mean" divides by D
     per_elem = (quad + trace).reshape(m, x.shape[0], *x.shape[1:]).mean(0)
     return _reduce(per_elem, reduction)
@@ -242,7 +242,7 @@ def fdssm_loss(
     s_plus, s_minus = score_fn(torch.cat([x + h * u, x - h * u])).chunk(2)
     s_bar = 0.5 * (s_plus + s_minus)
     trace = d * u * (s_plus - s_minus) / (2.0 * h)
-    quad = 0.5 * s_bar**2 if variance_reduced else 0.5 * d * per_sample(_dot(u, s_bar), u) * u * s_bar
+    quad = 0.5 * s_bar**2 if variance_reduced else 0.5 * d * append_dims(_dot(u, s_bar), u.ndim) * u * s_bar
     return _reduce(quad + trace, reduction)
 
 
@@ -426,7 +426,7 @@ def _lcss_eps(
     of ``2B`` (``cv=False``: without the ``eps_hat(x_t)`` in the Stein term)."""
     c = loss.smoothing
     e = randn_like(x_t, generator)
-    s = per_sample(c * loss.sde.std(t), x_t)
+    s = append_dims(c * loss.sde.std(t), x_t.ndim)
     e_x, e_shift = _eps_fn(model_fn, t, cond)(torch.cat([x_t, x_t + s * e])).chunk(2)
     stein = e_x - e_shift if loss.control_variate else -e_shift
     return _reduce(0.5 * e_x**2 + e * stein / c, loss.reduction)

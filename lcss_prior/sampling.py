@@ -32,7 +32,7 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lcss_prior.sde import ScoreFn, per_sample, randn_like
+from lcss_prior.sde import ScoreFn, append_dims, randn_like
 
 
 class Sampler(Protocol):
@@ -142,8 +142,8 @@ def tweedie_denoise(
 ) -> Float[Tensor, "B ..."]:
     """Tweedie's formula for ``x_t = alpha(t) x0 + std(t) eps``:
     ``E[x0 | x_t] = (x_t + std(t)^2 s(x_t, t)) / alpha(t)``."""
-    std = per_sample(sde.std(t), x)
-    alpha = per_sample(sde.alpha(t), x)
+    std = append_dims(sde.std(t), x.ndim)
+    alpha = append_dims(sde.alpha(t), x.ndim)
     return (x + std**2 * score_fn(x, t)) / alpha
 
 
@@ -157,7 +157,7 @@ def _euler_maruyama_step(
 ) -> Tensor:
     """``x <- x + [f - g^2 s] dt + g sqrt(|dt|) z`` with ``dt < 0``."""
     drift, diffusion = rsde.sde(x, _time(t, x))
-    return x + drift * dt + per_sample(diffusion, x) * math.sqrt(-dt) * randn_like(x, generator)
+    return x + drift * dt + append_dims(diffusion, x.ndim) * math.sqrt(-dt) * randn_like(x, generator)
 
 
 def _langevin_step(

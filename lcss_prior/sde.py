@@ -77,9 +77,14 @@ def build_sde(name: str, **kwargs: Any) -> SDE:
     return cls(**kwargs)
 
 
-def per_sample(v: Float[Tensor, " B"], x: Float[Tensor, "B ..."]) -> Float[Tensor, "B ..."]:
-    """View a per-sample quantity ``v [B]`` as ``[B, 1, ..., 1]`` so that it broadcasts against ``x``."""
-    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """``x`` with singleton dimensions appended up to ``ndim``, so that it broadcasts against a tensor
+    of ``ndim`` dimensions aligned from the LEFT: a per-sample ``[B]`` against ``[B, C, H, W]``, a
+    ``[B, K]`` against ``[B, K, C, H, W]`` (k-diffusion's ``append_dims``). The project's one
+    broadcast helper."""
+    if ndim < x.ndim:
+        raise ValueError(f"append_dims: a {x.ndim}-dim tensor cannot be viewed with {ndim} dimensions")
+    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
 
 
 def generator_device(generator: torch.Generator | None, like: Tensor | None = None) -> torch.device | None:
@@ -212,7 +217,7 @@ class SDE(abc.ABC):
                 "use sample_marginal (simulation) instead of marginal_prob"
             )
         t = _check_time(t, x0)
-        return per_sample(self.alpha(t), x0) * x0, self.std(t)
+        return append_dims(self.alpha(t), x0.ndim) * x0, self.std(t)
 
     def sample_marginal(
         self,
@@ -228,7 +233,7 @@ class SDE(abc.ABC):
         if self.is_affine:
             mean, std = self.marginal_prob(x0, t)
             eps = randn_like(x0, generator)
-            return mean + per_sample(std, x0) * eps, eps
+            return mean + append_dims(std, x0.ndim) * eps, eps
         return self.simulate_marginal(x0, t, generator=generator), None
 
     def simulate_marginal(
@@ -264,11 +269,11 @@ class SDE(abc.ABC):
             raise ValueError(f"unknown simulation method {method!r}; choose one of {list(SIM_METHODS)}")
         t = _check_time(t, x0)
         dt = t / steps
-        dt_x = per_sample(dt, x0)
+        dt_x = append_dims(dt, x0.ndim)
         sqrt_dt = dt_x.sqrt()
         x = x0.clone()
         for k in range(steps):
-            noise = per_sample(self.diffusion(dt * (k + 0.5)), x0) * sqrt_dt * randn_like(x0, generator)
+            noise = append_dims(self.diffusion(dt * (k + 0.5)), x0.ndim) * sqrt_dt * randn_like(x0, generator)
             if method == "euler":
                 x = x + self.drift(x, dt * (k + 0.5)) * dt_x + noise
             else:
@@ -298,7 +303,7 @@ class SDE(abc.ABC):
         """``s(x_t, t) = -eps_hat / std(t)``: the one conversion of a noise prediction to a score
         (exact for affine SDEs, where ``grad log p_{0t}(x_t | x0) = -eps / std(t)``)."""
         t = _check_time(t, eps_hat)
-        return -eps_hat / per_sample(self.std(t), eps_hat)
+        return -eps_hat / append_dims(self.std(t), eps_hat.ndim)
 
     def likelihood_weighting(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         """``g(t)^2``, the weighting under which the score-matching loss bounds the negative
@@ -350,7 +355,7 @@ class ReverseSDE:
         t = _check_time(t, x)
         f, g = self.forward_sde.sde(x, t)
         factor = 0.5 if self.probability_flow else 1.0
-        drift = f - factor * per_sample(g**2, x) * self.score_fn(x, t)
+        drift = f - factor * append_dims(g**2, x.ndim) * self.score_fn(x, t)
         return drift, torch.zeros_like(g) if self.probability_flow else g
 
 
@@ -401,7 +406,7 @@ class VPSDE(_LinearBeta, SDE):
         self._set_betas(beta_min, beta_max)
 
     def drift(self, x: Float[Tensor, "B ..."], t: Float[Tensor, " B"]) -> Float[Tensor, "B ..."]:
-        return -0.5 * per_sample(self.beta(t), x) * x
+        return -0.5 * append_dims(self.beta(t), x.ndim) * x
 
     def diffusion(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         return self.beta(t).sqrt()
@@ -586,7 +591,7 @@ class TanhSDE(_LinearBeta, SDE):
         self._log_z = float(torch.log(torch.trapezoid(dens, grid)))
 
     def drift(self, x: Float[Tensor, "B ..."], t: Float[Tensor, " B"]) -> Float[Tensor, "B ..."]:
-        return -0.5 * per_sample(self.beta(t), x) * (x + self.k * torch.tanh(x))
+        return -0.5 * append_dims(self.beta(t), x.ndim) * (x + self.k * torch.tanh(x))
 
     def diffusion(self, t: Float[Tensor, " B"]) -> Float[Tensor, " B"]:
         return self.beta(t).sqrt()

@@ -411,3 +411,14 @@ def test_time_shape_is_checked():
         sde.sde(torch.zeros(3, 2), torch.ones(2))
     drift, g = sde.sde(torch.ones(3, 2), 0.5)  # a scalar t is broadcast
     assert drift.shape == (3, 2) and g.shape == (3,)
+
+
+def test_append_dims_is_the_one_left_aligned_broadcast():
+    from lcss_prior.sde import append_dims
+
+    v, x = torch.arange(3.0), torch.zeros(3, 2, 4, 5)
+    assert append_dims(v, x.ndim).shape == (3, 1, 1, 1) and torch.equal((append_dims(v, x.ndim) + x)[:, 1, 2, 3], v)
+    assert append_dims(torch.zeros(3, 2), 5).shape == (3, 2, 1, 1, 1)
+    assert append_dims(v, 1) is not None and append_dims(v, 1).shape == (3,)
+    with pytest.raises(ValueError, match="cannot be viewed with 1 dimensions"):
+        append_dims(torch.zeros(3, 2), 1)

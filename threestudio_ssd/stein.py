@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from lcss_prior.sde import append_dims
+
 __all__ = [
     "WEIGHT_MODES",
     "WEIGHT_SHAPES",
@@ -64,7 +66,7 @@ def _per_sample(value: Scalar, name: str, batch: int, ndim: int, like: Tensor) -
             f"`{name}` must be a number, a 0-dim tensor or a [B] tensor with B={batch}, "
             f"got shape {tuple(value.shape)}"
         )
-    return value.to(like.dtype).reshape(batch, *([1] * (ndim - 1)))
+    return append_dims(value.to(like.dtype), ndim)
 
 
 def _left_aligned(value: Scalar, name: str, ref: Tensor) -> Tensor | float:
@@ -74,7 +76,7 @@ def _left_aligned(value: Scalar, name: str, ref: Tensor) -> Tensor | float:
         return float(value)
     if value.ndim > ref.ndim:
         raise ValueError(f"`{name}` has shape {tuple(value.shape)}, more dimensions than {tuple(ref.shape)}")
-    value = value.reshape(*value.shape, *([1] * (ref.ndim - value.ndim)))
+    value = append_dims(value, ref.ndim)
     try:
         torch.broadcast_shapes(value.shape, ref.shape)
     except RuntimeError as err:
@@ -135,16 +137,11 @@ def control_variates(
     ok = _usable_baselines(eps, phis, grad_phis, valid)  # [B, K]
     phi, grad = _rejected_as_zero(phis, grad_phis, ok, eps)  # so that 0 * inf cannot make a NaN
     e, s = eps.unsqueeze(1), _per_sample(sigma, "sigma", eps.shape[0], eps.ndim + 1, eps)
-    h = e * _trailing(phi, eps.ndim) - s * grad  # h_k = eps phi_k(x_t) - sigma grad phi_k(x_t)
-    h = torch.where(_trailing(ok, eps.ndim), h, e)  # a rejected baseline is the constant one: h = eps
+    h = e * append_dims(phi, eps.ndim + 1) - s * grad  # h_k = eps phi_k(x_t) - sigma grad phi_k(x_t)
+    h = torch.where(append_dims(ok, eps.ndim + 1), h, e)  # a rejected baseline is the constant one: h = eps
     if include_constant:
         h = torch.cat([e, h], dim=1)
     return (h, ~ok) if return_fallback else h
-
-
-def _trailing(x: Tensor, ndim: int) -> Tensor:
-    """``[B, K]`` viewed as ``[B, K, 1, ..., 1]`` against ``[B, K, *D]`` with ``len(D) = ndim - 1``."""
-    return x.reshape(*x.shape, *([1] * (ndim - 1)))
 
 
 def _usable_baselines(eps: Tensor, phis: Tensor, grad_phis: Tensor, valid: Tensor | None) -> Tensor:
@@ -168,7 +165,7 @@ def _rejected_as_zero(phis: Tensor, grad_phis: Tensor, ok: Tensor, eps: Tensor) 
     """``phi`` and ``grad phi`` with the unusable entries set to 0, in ``eps``'s dtype."""
     zero = torch.zeros((), dtype=phis.dtype, device=phis.device)
     phi = torch.where(ok, phis, zero).to(eps.dtype)
-    grad = torch.where(_trailing(ok, eps.ndim), grad_phis, zero.to(grad_phis.dtype)).to(eps.dtype)
+    grad = torch.where(append_dims(ok, eps.ndim + 1), grad_phis, zero.to(grad_phis.dtype)).to(eps.dtype)
     return phi, grad
 
 

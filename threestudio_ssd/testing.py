@@ -216,6 +216,7 @@ def check_zero_mean(
     a bias shows) and 4 random ones. ``phi(x0) * eps`` (exactly zero-mean) is subtracted first, a
     control variate that leaves the mean alone and shrinks the standard error.
     """
+    from lcss_prior.sde import append_dims
     from threestudio_ssd.stein import baseline_value_and_grad
 
     phi0, grad0 = baseline_value_and_grad(phi_fn, x0)
@@ -226,7 +227,7 @@ def check_zero_mean(
         [direction.flatten().cpu() / direction.norm().cpu()]
         + [torch.randn(d, generator=g) / d**0.5 for _ in range(4)]
     ).to(eps.device, eps.dtype)
-    p = phi.view(-1, *([1] * (eps.dim() - 1)))
+    p = append_dims(phi, eps.ndim)
 
     def p_value(h: torch.Tensor) -> float:
         return hotelling_p_value((h - phi0 * eps).flatten(1) @ u.T)
