@@ -25,7 +25,7 @@ from threestudio_ssd.stein import (
     stein_gradient,
     timestep_bin,
 )
-from threestudio_ssd.testing import hotelling_p_value
+from threestudio_ssd.testing import GaussianPrior, MixturePrior, hotelling_p_value, vp_schedule
 
 FALSE_ALARM = 1e-4  # family-wise level of every zero-mean check
 
@@ -56,66 +56,11 @@ def paired_not_larger(a: torch.Tensor, b: torch.Tensor, z: float = 4.0) -> tuple
 T_LO, T_HI = 0.02, 0.98
 
 
-def vp(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A variance-preserving schedule, alpha^2 + sigma^2 = 1."""
-    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
-
-
-class GaussianPrior:
-    """Data ``N(m, diag(s^2))``; ``p_t = N(alpha m, alpha^2 s^2 + sigma^2)`` and the exact noise
-    prediction ``eps_hat(x_t) = sigma (x_t - alpha m) / (alpha^2 s^2 + sigma^2)``."""
-
-    def __init__(self, m: torch.Tensor, s: torch.Tensor) -> None:
-        self.m, self.s = m, s
-
-    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, sg = (v[:, None] for v in vp(t))
-        return sg * (x_t - a * self.m) / (a**2 * self.s**2 + sg**2)
-
-    def mean_sds(self, x0: torch.Tensor, n_grid: int = 20001) -> torch.Tensor:
-        """``E_{t ~ U[T_LO, T_HI], eps}[w (eps_hat - eps)]`` by quadrature; the eps-average is
-        ``w sigma alpha (x0 - m) / (alpha^2 s^2 + sigma^2)`` in closed form."""
-        t = torch.linspace(T_LO, T_HI, n_grid, dtype=torch.float64)
-        a, sg = (v[:, None] for v in vp(t))
-        f = sg**2 * sg * a * (x0.double() - self.m.double()) / (a**2 * self.s.double() ** 2 + sg**2)
-        return torch.trapezoid(f, t, dim=0) / (T_HI - T_LO)
-
-
-class MixturePrior:
-    """Equal mixture of ``N(m_j, s^2 I)``: ``eps_hat = sigma sum_j r_j(x_t) (x_t - alpha m_j) / D``
-    with ``D = alpha^2 s^2 + sigma^2`` and posterior responsibilities ``r_j``. Unlike a Gaussian,
-    ``tr d eps_hat / d x_t`` varies with ``x_t`` (through ``r_1 r_2``), which is what a Stein control
-    variate can exploit (docs/ssd_math.md, section 4)."""
-
-    def __init__(self, means: torch.Tensor, s: float) -> None:
-        self.means, self.s = means, s
-
-    def _parts(self, x: torch.Tensor, t: torch.Tensor):
-        a, sg = vp(t)
-        var = a**2 * self.s**2 + sg**2
-        diff = x[:, None, :] - a[:, None, None] * self.means[None]
-        logits = -0.5 * diff.pow(2).sum(-1) / var[:, None]
-        return torch.softmax(logits, 1), diff, var, sg
-
-    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r, diff, var, sg = self._parts(x_t, t)
-        return sg[:, None] * (r[:, :, None] * diff).sum(1) / var[:, None]
-
-    def ambiguity(self, t: torch.Tensor):
-        """Baseline ``phi(x_t) = r_1 r_2``: how undecided the prior is about the mode of ``x_t``."""
-
-        def phi(x: torch.Tensor) -> torch.Tensor:
-            r = self._parts(x, t)[0]
-            return r[:, 0] * r[:, 1]
-
-        return phi
-
-
 def draw(prior, x0: torch.Tensor, n: int, gen: torch.Generator) -> dict:
     """``t ~ U[T_LO, T_HI]``, ``x_t = alpha x0 + sigma eps``, exact ``eps_hat``, ``w = sigma^2``."""
     t = T_LO + (T_HI - T_LO) * torch.rand(n, generator=gen)
     eps = torch.randn(n, x0.numel(), generator=gen)
-    a, sg = vp(t)
+    a, sg = vp_schedule(t)
     x_t = a[:, None] * x0 + sg[:, None] * eps
     return dict(t=t, eps=eps, x_t=x_t, sigma=sg, w=sg**2, eps_hat=prior.eps_hat(x_t, t))
 
@@ -132,7 +77,7 @@ def misspecified_log_density(t: torch.Tensor):
     """An informative baseline for the Gaussian prior: the log-density of a guessed isotropic
     ``N(0, 0.5^2 I)`` data model, diffused to time ``t`` (a quadratic whose gradient is a rough
     score of the prior)."""
-    a, sg = (v[:, None] for v in vp(t))
+    a, sg = (v[:, None] for v in vp_schedule(t))
 
     def phi(x: torch.Tensor) -> torch.Tensor:
         return -0.5 * (x**2 / (0.25 * a**2 + sg**2)).sum(1)
@@ -221,7 +166,7 @@ def noised_render(n: int, seed: int, t_hi: float = T_HI):
     x0 = 0.4 + TARGET + 0.3 * torch.linspace(0.0, 3.0, 16).reshape(1, 1, 4, 4).cos()  # like TARGET
     eps = torch.randn(n, 1, 4, 4, generator=gen)
     t = T_LO + (t_hi - T_LO) * torch.rand(n, generator=gen)
-    a, sg = vp(t)
+    a, sg = vp_schedule(t)
     return a.reshape(-1, 1, 1, 1) * x0 + sg.reshape(-1, 1, 1, 1) * eps, eps, sg
 
 
@@ -288,7 +233,7 @@ def test_ssd_mean_equals_sds_mean_on_gaussian_prior():
     for arbitrary fixed weights; the printed-sign estimator with the same fixed weights is flagged
     as biased by the same check."""
     prior, x0 = gaussian_setup()
-    exact = prior.mean_sds(x0)
+    exact = prior.mean_sds(x0, (T_LO, T_HI))
     sds, ssd, ev, _ = fitted_variance(prior, x0, [misspecified_log_density, lambda t: useless])
     phi, grad = baseline_value_and_grad(misspecified_log_density(ev["t"]), ev["x_t"])
     mu = torch.tensor([[0.6, 0.4]])  # [1, K]: the same weights for every sample

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from lcss_prior.sde import append_dims
 from threestudio_ssd.score_models.base import ScoreModel
 from threestudio_ssd.score_models.image import resize_image
 
@@ -239,13 +240,74 @@ def check_zero_mean(
     }
 
 
+def vp_schedule(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The analytic priors' variance-preserving process: ``alpha = cos(pi t / 2)``,
+    ``sigma = sin(pi t / 2)`` (``alpha^2 + sigma^2 = 1``)."""
+    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+
+
+class GaussianPrior:
+    """Data ``x0 ~ N(m, diag(s^2))`` (``m``, ``s`` of the data's shape) under :func:`vp_schedule`:
+    ``p_t = N(alpha m, alpha^2 s^2 + sigma^2)`` and the exact noise prediction
+    ``eps_hat(x_t) = sigma (x_t - alpha m) / (alpha^2 s^2 + sigma^2)``, linear in ``x_t`` (every part
+    of SDS's within-``t`` variance is odd in ``eps``). ``x_t`` is ``[N, *m.shape]``."""
+
+    def __init__(self, m: torch.Tensor, s: torch.Tensor) -> None:
+        if m.shape != s.shape:
+            raise ValueError(f"m and s must have one shape, got {tuple(m.shape)} and {tuple(s.shape)}")
+        self.m, self.s = m, s
+
+    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, sg = (append_dims(v, x_t.ndim) for v in vp_schedule(t))
+        return sg * (x_t - a * self.m) / (a**2 * self.s**2 + sg**2)
+
+    def mean_sds(self, x0: torch.Tensor, t_range: tuple[float, float], n_grid: int = 20001) -> torch.Tensor:
+        """``E_{t ~ U[t_range], eps}[w (eps_hat - eps)]`` at ``x0`` (shaped like ``m``) with the
+        ``sds`` weighting ``w = sigma^2``, float64: the eps-average is ``w sigma alpha (x0 - m) /
+        (alpha^2 s^2 + sigma^2)`` in closed form, the t-average by the trapezoidal rule."""
+        lo, hi = t_range
+        t = torch.linspace(lo, hi, n_grid, dtype=torch.float64)
+        a, sg = (append_dims(v, x0.ndim + 1) for v in vp_schedule(t))
+        m, s = self.m.double(), self.s.double()
+        f = sg**3 * a * (x0.double() - m) / (a**2 * s**2 + sg**2)
+        return torch.trapezoid(f, t, dim=0) / (hi - lo)
+
+
+class MixturePrior:
+    """Equal mixture of ``N(m_j, s^2 I)`` (``means [J, D]``) under :func:`vp_schedule`:
+    ``eps_hat = sigma sum_j r_j(x_t) (x_t - alpha m_j) / D`` with ``D = alpha^2 s^2 + sigma^2`` and
+    posterior responsibilities ``r_j``. Unlike a Gaussian, ``tr d eps_hat / d x_t`` varies with
+    ``x_t`` (through ``r_1 r_2``), which is what a Stein control variate can exploit
+    (docs/ssd_math.md, section 4). ``x_t`` is ``[N, D]``."""
+
+    def __init__(self, means: torch.Tensor, s: float) -> None:
+        self.means, self.s = means, s
+
+    def _parts(self, x: torch.Tensor, t: torch.Tensor):
+        a, sg = vp_schedule(t)
+        var = a**2 * self.s**2 + sg**2
+        diff = x[:, None, :] - a[:, None, None] * self.means[None]
+        logits = -0.5 * diff.pow(2).sum(-1) / var[:, None]
+        return torch.softmax(logits, 1), diff, var, sg
+
+    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r, diff, var, sg = self._parts(x_t, t)
+        return sg[:, None] * (r[:, :, None] * diff).sum(1) / var[:, None]
+
+    def ambiguity(self, t: torch.Tensor):
+        """Baseline ``phi(x_t) = r_1 r_2``: how undecided the prior is about the mode of ``x_t``."""
+
+        def phi(x: torch.Tensor) -> torch.Tensor:
+            r = self._parts(x, t)[0]
+            return r[:, 0] * r[:, 1]
+
+        return phi
+
+
 class GaussianScoreModel(ScoreModel):
-    """An analytic pixel-space ``ScoreModel`` for tests and benchmarks of the estimators: data
-    ``x0 ~ N(m, diag(s^2))`` (``m``, ``s`` of shape ``[C, H, W]``) under the variance-preserving
-    process ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``, with the exact noise prediction
-    ``eps_hat(x_t) = sigma (x_t - alpha m) / (alpha^2 s^2 + sigma^2)`` (unconditional: ``cond`` and
-    the guidance scale are ignored). ``eps_hat`` is linear in ``x_t``: every part of SDS's
-    within-``t`` variance is odd in ``eps``. ``encode`` is ``2 rgb - 1`` (``rgb_as_latents`` skips it)."""
+    """:class:`GaussianPrior` as an analytic pixel-space ``ScoreModel`` for tests and benchmarks of
+    the estimators (``m``, ``s`` of shape ``[C, H, W]``; unconditional: ``cond`` and the guidance
+    scale are ignored). ``encode`` is ``2 rgb - 1`` (``rgb_as_latents`` skips it)."""
 
     space = "pixel"
 
@@ -258,11 +320,15 @@ class GaussianScoreModel(ScoreModel):
         self.channels = int(m.shape[0])
         self.resolution = (int(m.shape[1]), int(m.shape[2]))
 
+    @property
+    def prior(self) -> GaussianPrior:
+        return GaussianPrior(self.m, self.s)
+
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cos(0.5 * math.pi * t)
+        return vp_schedule(t)[0]
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sin(0.5 * math.pi * t)
+        return vp_schedule(t)[1]
 
     def encode(self, rgb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return 2 * resize_image(rgb, self.resolution) - 1
@@ -272,22 +338,14 @@ class GaussianScoreModel(ScoreModel):
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, guidance_scale: float) -> torch.Tensor:
-        a, sg = (v.view(-1, 1, 1, 1) for v in (self.alpha(t), self.sigma(t)))
-        return sg * (x_t - a * self.m) / (a**2 * self.s**2 + sg**2)
+        return self.prior.eps_hat(x_t, t)
 
     def repeat_cond(self, cond: Any, n: int) -> Any:
         return None if cond is None else torch.as_tensor(cond).repeat(n)
 
     def mean_sds(self, x0: torch.Tensor, t_range: tuple[float, float], n_grid: int = 20001) -> torch.Tensor:
-        """``E_{t ~ U[t_range], eps}[w (eps_hat - eps)]`` at the render ``x0 [C, H, W]`` (``sds``
-        weighting ``w = sigma^2``), float64: the eps-average is ``w sigma alpha (x0 - m) /
-        (alpha^2 s^2 + sigma^2)`` in closed form, the t-average by the trapezoidal rule."""
-        lo, hi = t_range
-        t = torch.linspace(lo, hi, n_grid, dtype=torch.float64)
-        a, sg = (v.view(-1, 1, 1, 1) for v in (self.alpha(t), self.sigma(t)))
-        m, s = self.m.double(), self.s.double()
-        f = sg**3 * a * (x0.double() - m) / (a**2 * s**2 + sg**2)
-        return torch.trapezoid(f, t, dim=0) / (hi - lo)
+        """:meth:`GaussianPrior.mean_sds` at the render ``x0 [C, H, W]``."""
+        return self.prior.mean_sds(x0, t_range, n_grid)
 
 
 def load_script(path: str | os.PathLike) -> Any:
