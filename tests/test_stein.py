@@ -25,7 +25,17 @@ from threestudio_ssd.stein import (
     stein_gradient,
     timestep_bin,
 )
-from threestudio_ssd.testing import GaussianPrior, MixturePrior, hotelling_p_value, vp_schedule
+from threestudio_ssd.testing import (
+    ANALYTIC_T_RANGE,
+    MixturePrior,
+    analytic_draws,
+    fitted_variance,
+    gaussian_experiment,
+    hotelling_p_value,
+    misspecified_log_density,
+    useless_baseline,
+    vp_schedule,
+)
 
 FALSE_ALARM = 1e-4  # family-wise level of every zero-mean check
 
@@ -53,78 +63,7 @@ def paired_not_larger(a: torch.Tensor, b: torch.Tensor, z: float = 4.0) -> tuple
 # analytic priors
 # ----------------------------------------------------------------------------------------------
 
-T_LO, T_HI = 0.02, 0.98
-
-
-def draw(prior, x0: torch.Tensor, n: int, gen: torch.Generator) -> dict:
-    """``t ~ U[T_LO, T_HI]``, ``x_t = alpha x0 + sigma eps``, exact ``eps_hat``, ``w = sigma^2``."""
-    t = T_LO + (T_HI - T_LO) * torch.rand(n, generator=gen)
-    eps = torch.randn(n, x0.numel(), generator=gen)
-    a, sg = vp_schedule(t)
-    x_t = a[:, None] * x0 + sg[:, None] * eps
-    return dict(t=t, eps=eps, x_t=x_t, sigma=sg, w=sg**2, eps_hat=prior.eps_hat(x_t, t))
-
-
-def gaussian_setup():
-    gen = torch.Generator().manual_seed(0)
-    d = 4
-    prior = GaussianPrior(0.5 * torch.randn(d, generator=gen), torch.tensor([0.15, 0.4, 0.8, 1.5]))
-    x0 = prior.m + 0.3 * torch.randn(d, generator=gen)  # the "render": fixed, not a data sample
-    return prior, x0
-
-
-def misspecified_log_density(t: torch.Tensor):
-    """An informative baseline for the Gaussian prior: the log-density of a guessed isotropic
-    ``N(0, 0.5^2 I)`` data model, diffused to time ``t`` (a quadratic whose gradient is a rough
-    score of the prior)."""
-    a, sg = (v[:, None] for v in vp_schedule(t))
-
-    def phi(x: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (x**2 / (0.25 * a**2 + sg**2)).sum(1)
-
-    return phi
-
-
-def useless(x: torch.Tensor) -> torch.Tensor:
-    """A baseline that carries no information about ``eps_hat``: a fast oscillation of one
-    coordinate around 1 (so the paper's form gets ``h ~ eps * phi``: a randomly rescaled noise)."""
-    return 1.0 + 0.9 * torch.sin(25.0 * x[:, 3])
-
-
-def fitted_variance(
-    prior, x0, phi_fns, include_constant=True, shape="scalar", n_fit=60000, n_eval=60000, seed=1
-):
-    """Fit optimal per-bin weights on one draw set, evaluate on an independent one (the weights
-    never see the evaluation noise). Returns (SDS draws, SSD draws, eval dict, the fitted module)."""
-    gen = torch.Generator().manual_seed(seed)
-    n_cv = len(phi_fns) + int(include_constant)
-    init = None if include_constant else [1.0] * n_cv
-    cvw = ControlVariateWeight(
-        n_cv, shape=shape, channels=x0.numel(), mode="optimal", t_bins=10, ema=1.0, init=init
-    )
-
-    def cvs_of(b):
-        phis, grads = [], []
-        for make in phi_fns:
-            p, g = baseline_value_and_grad(make(b["t"]), b["x_t"])
-            phis.append(p)
-            grads.append(g)
-        if not phis:
-            return b["eps"][:, None]
-        return control_variates(
-            b["eps"],
-            torch.stack(phis, 1),
-            torch.stack(grads, 1),
-            b["sigma"],
-            include_constant=include_constant,
-        )
-
-    fit = draw(prior, x0, n_fit, gen)
-    cvw.update(fit["eps_hat"], cvs_of(fit), fit["w"], fit["t"])
-    ev = draw(prior, x0, n_eval, gen)
-    sds = sds_gradient(ev["eps_hat"], ev["eps"], ev["w"])
-    ssd = stein_gradient(ev["eps_hat"], cvs_of(ev), ev["w"], cvw(ev["t"]))
-    return sds, ssd, ev, cvw
+T_LO, T_HI = ANALYTIC_T_RANGE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,9 +171,9 @@ def test_ssd_mean_equals_sds_mean_on_gaussian_prior():
     """E[Delta_SSD] = E[Delta_SDS] = the quadrature value, for weights fitted on earlier draws and
     for arbitrary fixed weights; the printed-sign estimator with the same fixed weights is flagged
     as biased by the same check."""
-    prior, x0 = gaussian_setup()
+    prior, x0 = gaussian_experiment()
     exact = prior.mean_sds(x0, (T_LO, T_HI))
-    sds, ssd, ev, _ = fitted_variance(prior, x0, [misspecified_log_density, lambda t: useless])
+    sds, ssd, ev, _ = fitted_variance(prior, x0, [misspecified_log_density, lambda t: useless_baseline])
     phi, grad = baseline_value_and_grad(misspecified_log_density(ev["t"]), ev["x_t"])
     mu = torch.tensor([[0.6, 0.4]])  # [1, K]: the same weights for every sample
     fixed = stein_gradient(
@@ -260,7 +199,7 @@ def test_variance_reduction_on_gaussian_prior():
     re-weighted constant -- its optimal weight is 0 (measured |mu_1| < 0.01): E<h, w eps_hat> =
     w sigma E[phi tr J] with tr J constant (docs/ssd_math.md, section 4); the mixture test below
     shows a baseline that does help."""
-    prior, x0 = gaussian_setup()
+    prior, x0 = gaussian_experiment()
     sds, ssd, ev, cvw = fitted_variance(prior, x0, [misspecified_log_density])
     _, const_only, _, _ = fitted_variance(prior, x0, [])
     mu1 = cvw(torch.linspace(0.0, 1.0, 10))[:, 1]
@@ -292,10 +231,10 @@ def test_useless_baseline_never_hurts_with_constant_but_hurts_in_paper_form():
     """Optimal weights, useless baseline: beside the constant the variance is not significantly above
     the constant-only estimator (measured: both 0.473 x SDS); the paper's single-baseline form (no
     constant) loses the noise control variate and is far above it (measured: 15.5 x SDS)."""
-    prior, x0 = gaussian_setup()
-    sds, with_const, _, _ = fitted_variance(prior, x0, [lambda t: useless])
+    prior, x0 = gaussian_experiment()
+    sds, with_const, _, _ = fitted_variance(prior, x0, [lambda t: useless_baseline])
     _, const_only, _, _ = fitted_variance(prior, x0, [])
-    _, paper, _, _ = fitted_variance(prior, x0, [lambda t: useless], include_constant=False)
+    _, paper, _, _ = fitted_variance(prior, x0, [lambda t: useless_baseline], include_constant=False)
     ok, mean_u, se = paired_not_larger(with_const, const_only)
     assert ok, f"useless baseline beside the constant raised the variance: {mean_u:.3g} +- {se:.3g}"
     ok, mean_u, se = paired_not_larger(paper, const_only)
@@ -312,7 +251,7 @@ def test_learned_and_optimal_weights_agree():
     gen = torch.Generator().manual_seed(5)
 
     def batch(n):
-        b = draw(prior, x0, n, gen)
+        b = analytic_draws(prior, x0, n, gen)
         phi, grad = baseline_value_and_grad(prior.ambiguity(b["t"]), b["x_t"])
         b["cvs"] = control_variates(b["eps"], phi[:, None], grad[:, None], b["sigma"])
         return b
@@ -588,41 +527,3 @@ def test_shape_errors_name_the_argument():
         cvw.update(eps, torch.randn(4, 3, 3, 2, 2), 1.0, torch.rand(4))
     with pytest.raises(ValueError, match="samples"):
         gradient_variance(torch.randn(1, 3))
-
-
-def _report() -> None:
-    """Print the variance ratios quoted in docs/ssd_math.md (same seeds as the tests)."""
-    prior, x0 = gaussian_setup()
-    rows = {}
-    sds, ssd, ev, cvw = fitted_variance(prior, x0, [misspecified_log_density])
-    v = gradient_variance(sds)
-    rows["gaussian: constant + log-density baseline, scalar mu"] = gradient_variance(ssd) / v
-    rows["gaussian: constant + log-density baseline, channel mu"] = (
-        gradient_variance(fitted_variance(prior, x0, [misspecified_log_density], shape="channel")[1]) / v
-    )
-    rows["gaussian: constant only, scalar mu"] = gradient_variance(fitted_variance(prior, x0, [])[1]) / v
-    rows["gaussian: constant + useless, scalar mu"] = (
-        gradient_variance(fitted_variance(prior, x0, [lambda t: useless])[1]) / v
-    )
-    rows["gaussian: paper form, useless, scalar mu"] = (
-        gradient_variance(fitted_variance(prior, x0, [lambda t: useless], include_constant=False)[1]) / v
-    )
-    rows["gaussian: between-timestep floor"] = between_timestep_variance(sds, ev["t"], 10).between_share
-    print("gaussian: baseline weight mu_1 range", cvw.statistics()["mu1_min"], cvw.statistics()["mu1_max"])
-    mix = MixturePrior(torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), 0.3)
-    x0 = torch.tensor([0.2, 0.5])
-    for shape in ("scalar", "channel"):
-        kw = dict(shape=shape, n_fit=40000, n_eval=40000)
-        sds, ssd, ev, _ = fitted_variance(mix, x0, [mix.ambiguity], **kw)
-        v = gradient_variance(sds)
-        rows[f"mixture: constant + ambiguity, {shape} mu"] = gradient_variance(ssd) / v
-        rows[f"mixture: constant only, {shape} mu"] = (
-            gradient_variance(fitted_variance(mix, x0, [], **kw)[1]) / v
-        )
-    rows["mixture: between-timestep floor"] = between_timestep_variance(sds, ev["t"], 10).between_share
-    for name, value in rows.items():
-        print(f"{name:58s} SSD/SDS variance = {float(value):.4f}")
-
-
-if __name__ == "__main__":
-    _report()

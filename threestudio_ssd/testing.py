@@ -348,6 +348,95 @@ class GaussianScoreModel(ScoreModel):
         return self.prior.mean_sds(x0, t_range, n_grid)
 
 
+# ----------------------------------------------------------------------------------------------
+# analytic experiments (tests/test_stein.py and benchmarks/analytic_variance.py)
+# ----------------------------------------------------------------------------------------------
+
+#: the t range of the analytic experiments
+ANALYTIC_T_RANGE = (0.02, 0.98)
+
+
+def analytic_draws(prior, x0: torch.Tensor, n: int, gen: torch.Generator) -> dict:
+    """``t ~ U[ANALYTIC_T_RANGE]``, ``x_t = alpha x0 + sigma eps``, exact ``eps_hat``, ``w = sigma^2``."""
+    lo, hi = ANALYTIC_T_RANGE
+    t = lo + (hi - lo) * torch.rand(n, generator=gen)
+    eps = torch.randn(n, x0.numel(), generator=gen)
+    a, sg = vp_schedule(t)
+    x_t = a[:, None] * x0 + sg[:, None] * eps
+    return dict(t=t, eps=eps, x_t=x_t, sigma=sg, w=sg**2, eps_hat=prior.eps_hat(x_t, t))
+
+
+def gaussian_experiment():
+    """The 4-D Gaussian prior of the unit-level variance numbers and its fixed render ``x0``."""
+    gen = torch.Generator().manual_seed(0)
+    d = 4
+    prior = GaussianPrior(0.5 * torch.randn(d, generator=gen), torch.tensor([0.15, 0.4, 0.8, 1.5]))
+    x0 = prior.m + 0.3 * torch.randn(d, generator=gen)  # the "render": fixed, not a data sample
+    return prior, x0
+
+
+def misspecified_log_density(t: torch.Tensor):
+    """An informative baseline for the Gaussian prior: the log-density of a guessed isotropic
+    ``N(0, 0.5^2 I)`` data model, diffused to time ``t`` (a quadratic whose gradient is a rough
+    score of the prior)."""
+    a, sg = (v[:, None] for v in vp_schedule(t))
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (x**2 / (0.25 * a**2 + sg**2)).sum(1)
+
+    return phi
+
+
+def useless_baseline(x: torch.Tensor) -> torch.Tensor:
+    """A baseline that carries no information about ``eps_hat``: a fast oscillation of one
+    coordinate around 1 (so the paper's form gets ``h ~ eps * phi``: a randomly rescaled noise)."""
+    return 1.0 + 0.9 * torch.sin(25.0 * x[:, 3])
+
+
+def fitted_variance(
+    prior, x0, phi_fns, include_constant=True, shape="scalar", n_fit=60000, n_eval=60000, seed=1
+):
+    """Fit optimal per-bin weights on one draw set, evaluate on an independent one (the weights
+    never see the evaluation noise). Returns (SDS draws, SSD draws, eval dict, the fitted module)."""
+    from threestudio_ssd.stein import (
+        ControlVariateWeight,
+        baseline_value_and_grad,
+        control_variates,
+        sds_gradient,
+        stein_gradient,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    n_cv = len(phi_fns) + int(include_constant)
+    init = None if include_constant else [1.0] * n_cv
+    cvw = ControlVariateWeight(
+        n_cv, shape=shape, channels=x0.numel(), mode="optimal", t_bins=10, ema=1.0, init=init
+    )
+
+    def cvs_of(b):
+        phis, grads = [], []
+        for make in phi_fns:
+            p, g = baseline_value_and_grad(make(b["t"]), b["x_t"])
+            phis.append(p)
+            grads.append(g)
+        if not phis:
+            return b["eps"][:, None]
+        return control_variates(
+            b["eps"],
+            torch.stack(phis, 1),
+            torch.stack(grads, 1),
+            b["sigma"],
+            include_constant=include_constant,
+        )
+
+    fit = analytic_draws(prior, x0, n_fit, gen)
+    cvw.update(fit["eps_hat"], cvs_of(fit), fit["w"], fit["t"])
+    ev = analytic_draws(prior, x0, n_eval, gen)
+    sds = sds_gradient(ev["eps_hat"], ev["eps"], ev["w"])
+    ssd = stein_gradient(ev["eps_hat"], cvs_of(ev), ev["w"], cvw(ev["t"]))
+    return sds, ssd, ev, cvw
+
+
 def load_script(path: str | os.PathLike) -> Any:
     """A script of the repository (e.g. ``benchmarks/variance_2d.py``) imported as the module
     ``benchmark_<stem>``, registered in ``sys.modules`` (its dataclasses resolve their annotations
