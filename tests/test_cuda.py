@@ -19,12 +19,13 @@ import os
 import pytest
 import torch
 
-from threestudio_ssd.baselines import Baseline, BaselineOutput, RenderOutputs, build_baseline
+from threestudio_ssd.baselines import Baseline, RenderOutputs, build_baseline
 from threestudio_ssd.depth import load_depth_estimator
 from threestudio_ssd.distillation import ScoreDistillation
 from threestudio_ssd.score_models import build_score_model
 from threestudio_ssd.testing import (
     TINY_SD_TEXT_DIM,
+    StopGradient,
     check_zero_mean,
     make_tiny_depth_estimator,
     make_tiny_stable_diffusion,
@@ -98,19 +99,6 @@ def test_depth_control_variate_is_zero_mean_through_the_devices_decoder(folders,
     p = check_zero_mean(phi_fn, x0, sigma=0.5, n=192)
     assert p["correct"] > FALSE_ALARM, p
     assert p["stop_gradient"] < FALSE_ALARM and p["paper_sign"] < FALSE_ALARM, p
-
-
-class StopGradient(Baseline):
-    """A deliberately wrong baseline (its phi sees a detached image: grad phi is lost)."""
-
-    name = "stop-gradient"
-
-    def __init__(self, inner: Baseline):
-        self.inner = inner
-
-    def evaluate(self, image, render):
-        out = self.inner(image.detach(), render)
-        return BaselineOutput(out.phi, out.valid)
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])

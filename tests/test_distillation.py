@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from threestudio_ssd.baselines import Baseline, BaselineOutput, RenderOutputs, build_baseline
+from threestudio_ssd.baselines import Baseline, RenderOutputs, build_baseline
 from threestudio_ssd.depth import load_depth_estimator
 from threestudio_ssd.distillation import DistillationConfig, ScoreDistillation
 from threestudio_ssd.score_models import LCSSPriorScoreModel, StableDiffusionScoreModel
 from threestudio_ssd.testing import (
     TINY_SD_TEXT_DIM,
+    StopGradient,
     make_tiny_depth_estimator,
     make_tiny_prior,
     make_tiny_stable_diffusion,
@@ -311,20 +312,6 @@ def test_estimate_variance_pixel_prior(prior, depth):
     assert torch.equal(sds_only.ssd, sds_only.sds) and sds_only.ratio == 1.0
     with pytest.raises(ValueError, match="one render"):
         dist.estimate_variance(rand_rgb(2, 8), LABELS, disk_render(8, 2), n_draws=4)
-
-
-class StopGradient(Baseline):
-    """A deliberately wrong baseline: the depth baseline evaluated on a detached image, so the
-    autograd gradient of phi is lost (the silent bias DESIGN.md warns about)."""
-
-    name = "stop-gradient"
-
-    def __init__(self, inner: Baseline):
-        self.inner = inner
-
-    def evaluate(self, image, render):
-        out = self.inner(image.detach(), render)
-        return BaselineOutput(out.phi, out.valid)
 
 
 def test_ssd_mean_equals_sds_mean_on_the_latent_pipeline(sd, depth):

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from lcss_prior.sde import append_dims
+from threestudio_ssd.baselines.base import Baseline, BaselineOutput
 from threestudio_ssd.score_models.base import ScoreModel
 from threestudio_ssd.score_models.image import resize_image
 
@@ -176,6 +177,20 @@ def make_tiny_depth_estimator(
 
         DPTImageProcessor(size={"height": resolution, "width": resolution}).save_pretrained(folder)
     return folder
+
+
+class StopGradient(Baseline):
+    """A deliberately wrong baseline for tests: ``inner`` evaluated on a detached image, so the
+    autograd gradient of phi is lost (the silent bias docs/ssd_math.md warns about)."""
+
+    name = "stop-gradient"
+
+    def __init__(self, inner: Baseline) -> None:
+        self.inner = inner
+
+    def evaluate(self, image: torch.Tensor, render: Any) -> BaselineOutput:
+        out = self.inner(image.detach(), render)
+        return BaselineOutput(out.phi, out.valid)
 
 
 def hotelling_p_value(samples: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import torch
 from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
 
 from .conftest import run_python
-from .tiny_models import DPT, PRIOR
+from .tiny_models import DPT, PRIOR, SMALL_NERF, SMALL_RENDERS
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +27,9 @@ def trained(threestudio_root: Path, tmp_path_factory):
     small = [
         f"system.guidance.prior_path={prior}",
         f"system.guidance.depth_estimator_path={dpt}",
-        "data.width=16",
-        "data.height=16",
-        "data.eval_width=16",
-        "data.eval_height=16",
+        *SMALL_RENDERS,
         "data.n_test_views=4",  # not 3: threestudio calls torch.cross without dim, [3, 3] is ambiguous
-        "system.renderer.num_samples_per_ray=8",
-        "system.geometry.mlp_network_config.n_neurons=16",
+        *SMALL_NERF,
         "trainer.val_check_interval=3",
         "trainer.log_every_n_steps=1",
         "use_timestamp=false",

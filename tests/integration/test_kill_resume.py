@@ -27,7 +27,7 @@ import torch
 from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
 
 from .conftest import run_python, subprocess_env
-from .tiny_models import DPT, PRIOR
+from .tiny_models import DPT, PRIOR, SMALL_NERF, SMALL_RENDERS, launch_args
 
 pytestmark = pytest.mark.integration
 
@@ -43,29 +43,9 @@ def models(tmp_path_factory):
 
 
 def train_args(models, tag: str, *extra: str) -> list[str]:
-    prior, dpt = models
-    return [
-        "-m",
-        "threestudio_ssd.launch",
-        "--config",
-        CONFIG,
-        "--train",
-        f"system.guidance.prior_path={prior}",
-        f"system.guidance.depth_estimator_path={dpt}",
-        "data.width=16",
-        "data.height=16",
-        "data.eval_width=16",
-        "data.eval_height=16",
-        "data.n_test_views=2",
-        "system.renderer.num_samples_per_ray=8",
-        "system.geometry.mlp_network_config.n_neurons=16",
-        f"trainer.max_steps={STEPS}",
-        f"trainer.val_check_interval={STEPS}",
-        f"checkpoint.every_n_train_steps={EVERY}",
-        "use_timestamp=false",
-        f"tag={tag}",
-        *extra,
-    ]
+    overrides = [f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}"]
+    overrides += [f"checkpoint.every_n_train_steps={EVERY}", "use_timestamp=false", f"tag={tag}"]
+    return launch_args(CONFIG, "--train", *models, *SMALL_RENDERS, *SMALL_NERF, *overrides, *extra)
 
 
 def ckpts(root: Path, tag: str) -> Path:

@@ -20,7 +20,7 @@ import torch
 from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
 
 from .conftest import run_python
-from .tiny_models import DPT, PRIOR
+from .tiny_models import DPT, PRIOR, SMALL_RENDERS, launch_args
 
 pytestmark = pytest.mark.integration
 
@@ -139,26 +139,11 @@ def test_dmtet_sphere_depth_and_coverage_match_the_exact_sphere(
 def test_mesh_stage_trains_with_the_depth_baseline(threestudio_root, tmp_path):
     prior = make_tiny_prior(tmp_path / "prior", **PRIOR)
     dpt = make_tiny_depth_estimator(tmp_path / "dpt", **DPT)
+    overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1"]
     run_python(
-        [
-            "-m",
-            "threestudio_ssd.launch",
-            "--config",
-            CONFIG,
-            "--train",
-            f"system.guidance.prior_path={prior}",
-            f"system.guidance.depth_estimator_path={dpt}",
-            "data.width=16",
-            "data.height=16",
-            "data.eval_width=16",
-            "data.eval_height=16",
-            "data.n_test_views=2",
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "trainer.log_every_n_steps=1",
-            "use_timestamp=false",
-            "tag=mesh",
-        ],
+        launch_args(
+            CONFIG, "--train", prior, dpt, *SMALL_RENDERS, *overrides, "use_timestamp=false", "tag=mesh"
+        ),
         cwd=threestudio_root,
     )
     trial = threestudio_root / "outputs" / "steindreamer-cpu-shapes-mesh" / "mesh"

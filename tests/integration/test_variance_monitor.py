@@ -15,21 +15,11 @@ import torch
 from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior
 
 from .conftest import REPO, run_python
-from .tiny_models import DPT, PRIOR
+from .tiny_models import DPT, PRIOR, SMALL_NERF, SMALL_RENDERS
 
 pytestmark = pytest.mark.integration
 
-SMALL = [
-    "data.width=16",
-    "data.height=16",
-    "data.eval_width=16",
-    "data.eval_height=16",
-    "data.n_test_views=2",
-    "system.renderer.num_samples_per_ray=8",
-    "system.geometry.mlp_network_config.n_neurons=16",
-    "use_timestamp=false",
-    "tag=ci",
-]
+SMALL = [*SMALL_RENDERS, *SMALL_NERF, "use_timestamp=false", "tag=ci"]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,24 @@ SD: dict[str, Any] = dict(
 """``make_tiny_stable_diffusion`` keyword arguments (text embeddings ``[*, SD_TEXT_LEN, 32]``)."""
 SD_TEXT_LEN = 8
 
+#: overrides that make the CPU shapes configs' runs small (16 px, 2 test views)
+SMALL_RENDERS = [
+    "data.width=16",
+    "data.height=16",
+    "data.eval_width=16",
+    "data.eval_height=16",
+    "data.n_test_views=2",
+]
+#: and their NeRF (8 samples per ray, 16-wide MLPs)
+SMALL_NERF = ["system.renderer.num_samples_per_ray=8", "system.geometry.mlp_network_config.n_neurons=16"]
+
+
+def launch_args(config: str, mode: str, prior, dpt, *overrides: str) -> list[str]:
+    """``python -m threestudio_ssd.launch --config <config> <mode>`` with the tiny prior and depth
+    model folders and ``overrides``."""
+    models = [f"system.guidance.prior_path={prior}", f"system.guidance.depth_estimator_path={dpt}"]
+    return ["-m", "threestudio_ssd.launch", "--config", config, mode, *models, *overrides]
+
 
 def sd_prompt_utils(seed: int = 0):
     """threestudio's ``PromptProcessorOutput`` with random embeddings for its four directions."""
