@@ -73,8 +73,9 @@ from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
     release_memory,
     summarize_rounds,
 )
+from lcss_prior.losses import METHODS as LOSS_METHODS  # noqa: E402
 
-METHODS = ("lcss", "dsm", "ssm", "fdssm")
+METHODS = tuple(LOSS_METHODS)  # lcss_prior.losses' objectives, in its order (LCSS, DSM, SSM, FD-SSM)
 LABELS = {"lcss": "LCSS", "dsm": "DSM", "ssm": "SSM", "fdssm": "FD-SSM"}
 COLORS = {"lcss": "tab:red", "dsm": "tab:blue", "ssm": "tab:green", "fdssm": "tab:orange"}
 PHASES = ("loss", "backward", "optimizer")

@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lcss_prior.data import build_dataset
 from lcss_prior.ema import ema_decay, ema_update
 from lcss_prior.export import Prior, export_prior, fsync_dir
+from lcss_prior.losses import METHODS as LOSS_METHODS
 from lcss_prior.losses import SDELoss
 from lcss_prior.model import PRESETS, EpsNetwork, build_unet
 from lcss_prior.sampling import sample_prior, save_grid
 from lcss_prior.sde import build_sde
 
-METHODS = ("lcss", "dsm", "ssm", "fdssm")
+METHODS = tuple(LOSS_METHODS)  # the objectives lcss_prior.losses implements
 
 # Defaults per data set; anything not listed falls back to TrainConfig's own default.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -45,6 +45,7 @@ from threestudio.utils.misc import C, get_rank
 from threestudio_ssd.baselines import RenderOutputs, build_baseline, registered_baselines
 from threestudio_ssd.distillation import (
     BASELINE_DECODERS,
+    ESTIMATORS,
     DistillationConfig,
     ScoreDistillation,
     VarianceEstimate,
@@ -53,7 +54,6 @@ from threestudio_ssd.threestudio.prompt_processor import PriorPromptProcessorOut
 from threestudio_ssd.threestudio.registry import register
 
 SCORE_MODELS = ("stable-diffusion", "lcss-prior")
-ESTIMATORS = ("ssd", "sds", "vsd")
 GEOMETRIC_BASELINES = ("depth", "normal")  # need a depth estimator and the render
 #: a pixel-space prior is not fed renders smaller than this fraction of its resolution
 MIN_RENDER_FRACTION = 0.5
