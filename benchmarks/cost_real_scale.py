@@ -89,6 +89,7 @@ from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
     PhaseTimer,
     interleaved_rounds,
     machine,
+    markdown_table,
     proc_status_kib,
     reset_peak_rss,
     synchronize,
@@ -1031,13 +1032,13 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
     result["wall_s"] = time.perf_counter() - wall
     result["complete"] = True
     write_outputs(result, out_dir, tag)
-    print(markdown_table(result))
+    print(report_markdown(result))
     return result
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, tag: str) -> None:
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{tag}.md").write_text(markdown_table(result))
+    (out_dir / f"{tag}.md").write_text(report_markdown(result))
 
 
 def _model_sources(s: Settings) -> dict[str, str]:
@@ -1055,18 +1056,16 @@ def _model_sources(s: Settings) -> dict[str, str]:
     }
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def report_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
         f"Device: {env['device_name']} ({env['device']}, {env['dtype']}), torch {env['torch']}, "
         f"{env['torch_threads']} threads; {result['settings']['rounds']} interleaved rounds after "
         f"{result['settings']['warmup']} warm-up.",
         "",
-        "| arm | median s/step | min | max | x sds (medians) | x sds (paired) | peak memory GiB "
-        "(resident after the step) |",
-        "|---|---|---|---|---|---|---|",
     ]
     memory = result.get("memory", {}).get("arms", {})
+    rows = []
     for name, arm in result["arms"].items():
         ratio = result["ratios"].get(f"{name}/sds", 1.0 if name == "sds" else math.nan)
         paired = result["ratios"].get(f"{name}/sds_paired_median", 1.0 if name == "sds" else math.nan)
@@ -1074,10 +1073,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         peak = mem.get("peak_rss_steps_gib", mem.get("peak_allocated_steps_gib"))
         resident = mem.get("rss_after_steps_gib", mem.get("allocated_after_steps_gib"))
         mem_text = f"{peak:.2f} ({resident:.2f})" if peak is not None else mem.get("error", "-")
-        lines.append(
-            f"| {name} | {arm['median_s']:.3f} | {arm['min_s']:.3f} | {arm['max_s']:.3f} | {ratio:.2f} | "
-            f"{paired:.2f} | {mem_text} |"
-        )
+        times = (f"{arm[k]:.3f}" for k in ("median_s", "min_s", "max_s"))
+        rows.append([name, *times, f"{ratio:.2f}", f"{paired:.2f}", mem_text])
+    header = ["arm", "median s/step", "min", "max", "x sds (medians)", "x sds (paired)"]
+    lines += markdown_table([*header, "peak memory GiB (resident after the step)"], rows)
     cross = [
         f"{k} {v:.2f} (paired {result['ratios'][k + '_paired_median']:.2f})"
         for k, v in result["ratios"].items()

@@ -6,6 +6,8 @@
 * :func:`peak_memory_during`: the peak memory a call adds (CUDA: allocated bytes; CPU: the peak
   resident set, reset through ``/proc/self/clear_refs``).
 * :class:`PhaseTimer`: seconds per named part of a call (``ScoreDistillation.phase``).
+* :func:`markdown_table` and :func:`write_report`: the reports' tables, and a report file whose
+  hand-written reading below :data:`KEEP_MARKER` survives when the script rewrites it.
 * :func:`machine`: which machine and software produced a number (device name with the card, CPU
   model, threads, versions, load average).
 
@@ -24,7 +26,8 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,3 +216,35 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     else:
         info["device_name"] = info["cpu_model"]
     return info
+
+
+KEEP_MARKER = "<!-- hand-written reading below this line is kept when the script rewrites the file -->"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> list[str]:
+    """The lines of a markdown table: ``header`` cells, then one line per row (cells formatted by
+    the caller; ``None`` is an empty cell). ``align``: one letter per column, ``l`` or ``r``
+    (default all left)."""
+    align = align or "l" * len(header)
+    if len(align) != len(header):
+        raise ValueError(f"align {align!r} has {len(align)} letters for {len(header)} columns")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    for row in rows:
+        row = list(row)
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells for {len(header)} columns: {row}")
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
+    return lines
+
+
+def write_report(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` followed by :data:`KEEP_MARKER` and whatever followed the marker in
+    the file already there (a person's reading of the numbers, kept across regenerations)."""
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if KEEP_MARKER in old:
+            kept = old.split(KEEP_MARKER, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n" + KEEP_MARKER + (kept if kept else "\n"), encoding="utf-8")
+    return path

@@ -69,9 +69,11 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip i
 from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
     interleaved_rounds,
     machine,
+    markdown_table,
     peak_memory_during,
     release_memory,
     summarize_rounds,
+    write_report,
 )
 from lcss_prior.losses import METHODS as LOSS_METHODS  # noqa: E402
 
@@ -769,12 +771,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-MARKER = "<!-- hand-written reading below this line is kept when the script rewrites the file -->"
+
 
 
 def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
     """The report section: machine, command, tables, targets (the reading is added by hand below
-    ``MARKER`` and kept on regeneration)."""
+    ``KEEP_MARKER`` and kept on regeneration)."""
     rel = os.path.relpath(out_dir, path.parent)
     mc = result["machine"]
     lines = [
@@ -800,25 +802,28 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
         f"{next(iter(result['memory'].values()))['method'] if result['memory'] else '-'}. "
         "Phases: loss = label dropout + loss forward (all network calls), backward, optimizer = clipping + AdamW.",
         "",
-        "| configuration | method | ms / step | ratio to DSM | loss / backward / optimizer ms | peak step memory MiB | memory / DSM |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for name, t in result["timing"].items():
         mem = result["memory"].get(name, {})
         for m in METHODS:
-            r = t["methods"][m]
-            ph = " / ".join(f"{1e3 * r['phases_s'][p]:.0f}" for p in PHASES)
-            mm = mem.get(m, {})
-            lines.append(
-                f"| {name}: {t['description']}, {t['params'] / 1e6:.2f} M params | {LABELS[m]} | "
-                f"{1e3 * r['step_s']:.0f} | {r['ratio_to_dsm']:.2f} [{r['ratio_to_dsm_iqr'][0]:.2f}, "
-                f"{r['ratio_to_dsm_iqr'][1]:.2f}] | {ph} | {_f(mm.get('peak_delta_mib'))} | "
-                f"{_f(mm.get('ratio_to_dsm'))} |"
+            r, mm = t["methods"][m], mem.get(m, {})
+            iqr = r["ratio_to_dsm_iqr"]
+            rows.append(
+                [
+                    f"{name}: {t['description']}, {t['params'] / 1e6:.2f} M params",
+                    LABELS[m],
+                    f"{1e3 * r['step_s']:.0f}",
+                    f"{r['ratio_to_dsm']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}]",
+                    " / ".join(f"{1e3 * r['phases_s'][p]:.0f}" for p in PHASES),
+                    _f(mm.get("peak_delta_mib")),
+                    _f(mm.get("ratio_to_dsm")),
+                ]
             )
-        lines.append(
-            f"| {name} | LCSS / SSM | | {t['lcss_over_ssm']:.2f} [{t['lcss_over_ssm_iqr'][0]:.2f}, "
-            f"{t['lcss_over_ssm_iqr'][1]:.2f}] | | | |"
-        )
+        iqr = t["lcss_over_ssm_iqr"]
+        rows.append([name, "LCSS / SSM", None, f"{t['lcss_over_ssm']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}]", None, None, None])
+    header = ["configuration", "method", "ms / step", "ratio to DSM", "loss / backward / optimizer ms"]
+    lines += markdown_table([*header, "peak step memory MiB", "memory / DSM"], rows, align="llrrrrr")
     if any("repeat" in v for v in result["memory"].values()):
         lines += [
             "",
@@ -862,34 +867,47 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
             f"the captions) against as many held-out images, in the features of an in-domain classifier "
             f"({s['classifier_steps']} steps, {s['classifier_feature_dim']} features; held-out accuracy {_f(fe.get('eval_accuracy'))}).",
             "",
-            "| budget | method | steps | bits/dim | FID | KID | sample accuracy | worst caption |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
+        rows = []
         for key, label in (("equal_steps", "equal steps"), ("equal_wall_time", "equal wall time")):
             for m in METHODS:
                 r = q[key][m]
                 if r.get("diverged"):
-                    lines.append(f"| {label} | {LABELS[m]} | {r['steps']} | diverged | | | | |")
+                    rows.append([label, LABELS[m], r["steps"], "diverged", None, None, None, None])
                     continue
-                lines.append(
-                    f"| {label} | {LABELS[m]} | {r['steps']} | {r['bpd']:.3f} +- {r['bpd_stderr']:.3f} | "
-                    f"{_f(r['fid'])} | {_f(r['kid_mean'])} +- {_f(r['kid_std'], 2)} | {_f(r['accuracy'])} | "
-                    f"{_f(r['accuracy_min_caption'])} |"
+                rows.append(
+                    [
+                        label,
+                        LABELS[m],
+                        r["steps"],
+                        f"{r['bpd']:.3f} +- {r['bpd_stderr']:.3f}",
+                        _f(r["fid"]),
+                        f"{_f(r['kid_mean'])} +- {_f(r['kid_std'], 2)}",
+                        _f(r["accuracy"]),
+                        _f(r["accuracy_min_caption"]),
+                    ]
                 )
+        header = ["budget", "method", "steps", "bits/dim", "FID", "KID", "sample accuracy", "worst caption"]
+        lines += markdown_table(header, rows, align="llrrrrrr")
         lines += [
             "",
             f"Stability (whole run to the larger of the two budgets; logged every {s['log_every']} steps):",
             "",
-            "| method | diverged | non-finite logged values | final grad norm | median grad norm, last 10% | Lightning s / step (median) |",
-            "|---|---|---:|---:|---:|---:|",
         ]
-        for m in METHODS:
-            r = q["runs"][m]
-            lines.append(
-                f"| {LABELS[m]} | {'yes: ' + str(r['error']) if r['diverged'] else 'no'} | {r['nonfinite_logged']} | "
-                f"{_f(r['final_grad_norm'])} | {_f(r['final_grad_norm_median_last10pct'])} | "
-                f"{_f(r['lightning_step_s_median'])} |"
-            )
+        rows = [
+            [
+                LABELS[m],
+                "yes: " + str(q["runs"][m]["error"]) if q["runs"][m]["diverged"] else "no",
+                q["runs"][m]["nonfinite_logged"],
+                _f(q["runs"][m]["final_grad_norm"]),
+                _f(q["runs"][m]["final_grad_norm_median_last10pct"]),
+                _f(q["runs"][m]["lightning_step_s_median"]),
+            ]
+            for m in METHODS
+        ]
+        header = ["method", "diverged", "non-finite logged values", "final grad norm"]
+        header += ["median grad norm, last 10%", "Lightning s / step (median)"]
+        lines += markdown_table(header, rows, align="llrrrr")
         lines += [
             "",
             f"![curves]({rel}/curves_{data}.png)",
@@ -900,21 +918,10 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
     lines += [
         "### Targets (reported, not asserted)",
         "",
-        "| target | measured | met | note |",
-        "|---|---:|---|---|",
     ]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {_f(t['value'])} | {t['verdict']} | {t['note']} |")
-    text = "\n".join(lines) + "\n"
-    kept = ""
-    if path.exists():
-        old = path.read_text(encoding="utf-8")
-        if MARKER in old:
-            kept = old.split(MARKER, 1)[1]
-    text += "\n" + MARKER + (kept if kept else "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    rows = [[t["target"], _f(t["value"]), t["verdict"], t["note"]] for t in result["targets"]]
+    lines += markdown_table(["target", "measured", "met", "note"], rows, align="lrll")
+    return write_report(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

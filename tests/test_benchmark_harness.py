@@ -77,3 +77,16 @@ def test_timed_calls_and_machine_description():
     info = harness.machine("cpu")
     assert info["device_name"] == info["cpu_model"] and info["torch"] == torch.__version__
     assert len(info["load_average_start"]) == 3
+
+
+def test_markdown_table_and_a_report_that_keeps_the_reading(tmp_path):
+    lines = harness.markdown_table(["arm", "ms"], [["sds", "1.0"], ["ssd", None]], align="lr")
+    assert lines == ["| arm | ms |", "|---|---:|", "| sds | 1.0 |", "| ssd |  |"]
+    with pytest.raises(ValueError, match="a row has 1 cells for 2 columns"):
+        harness.markdown_table(["arm", "ms"], [["sds"]])
+    path = tmp_path / "report.md"
+    harness.write_report(path, "numbers v1\n")
+    path.write_text(path.read_text() + "My reading.\n")
+    harness.write_report(path, "numbers v2\n")
+    text = path.read_text()
+    assert text.startswith("numbers v2\n") and text.count(harness.KEEP_MARKER) == 1 and text.endswith("My reading.\n")
