@@ -184,12 +184,22 @@ def fit(ts, cfg, ckpt_path=None):
     return system, trainer
 
 
-def test_gaussian_geometry_trains_in_the_extensions_step_order(threestudio_ts, tmp_path, monkeypatch):
+@pytest.fixture
+def first_run(threestudio_ts, tmp_path, monkeypatch):
+    """``(cfg, fit(...))`` of a fresh run of ``max_steps`` steps with the stand-ins."""
     register_stand_ins(threestudio_ts)
     monkeypatch.chdir(tmp_path)
-    cfg = gaussian_config(tmp_path, max_steps=4)
-    torch.manual_seed(0)
-    system, trainer = fit(threestudio_ts, cfg)
+
+    def run(max_steps: int):
+        cfg = gaussian_config(tmp_path, max_steps=max_steps)
+        torch.manual_seed(0)
+        return cfg, fit(threestudio_ts, cfg)
+
+    return run
+
+
+def test_gaussian_geometry_trains_in_the_extensions_step_order(first_run):
+    _, (system, trainer) = first_run(4)
     assert system.gaussians and not system.automatic_optimization
     calls = [c for c in system.geometry.calls if c[0] != "create_from_pcd"]
     assert [c[:2] for c in calls] == [
@@ -221,12 +231,8 @@ def test_guidance_sees_the_ray_distance_of_the_splats(threestudio_ts):
         render_geometry_for_guidance(out, {})
 
 
-def test_resume_rebuilds_the_densified_cloud(threestudio_ts, tmp_path, monkeypatch):
-    register_stand_ins(threestudio_ts)
-    monkeypatch.chdir(tmp_path)
-    cfg = gaussian_config(tmp_path, max_steps=3)
-    torch.manual_seed(0)
-    _, trainer = fit(threestudio_ts, cfg)
+def test_resume_rebuilds_the_densified_cloud(threestudio_ts, tmp_path, first_run):
+    cfg, (_, trainer) = first_run(3)
     ckpt = tmp_path / "gs.ckpt"
     trainer.save_checkpoint(ckpt)
     cfg.trainer.max_steps = 4

@@ -9,16 +9,9 @@ import torch
 
 from threestudio_ssd.testing import make_tiny_depth_estimator, make_tiny_prior, make_tiny_stable_diffusion
 
-from .tiny_models import DPT, PRIOR, SD, sd_prompt_utils, sphere_render
+from .tiny_models import CAMERA, DPT, PRIOR, SD, sd_prompt_utils, sphere_render
 
 pytestmark = pytest.mark.integration
-
-CAMERA = {
-    "elevation": torch.tensor([10.0]),
-    "azimuth": torch.tensor([30.0]),
-    "camera_distances": torch.tensor([2.0]),
-}
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

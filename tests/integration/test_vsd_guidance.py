@@ -10,16 +10,9 @@ from omegaconf import OmegaConf
 
 from threestudio_ssd.testing import make_tiny_prior, make_tiny_stable_diffusion
 
-from .tiny_models import PRIOR, SD, sphere_render
+from .tiny_models import CAMERA, PRIOR, SD, sphere_render
 
 pytestmark = pytest.mark.integration
-
-CAMERA = {
-    "elevation": torch.tensor([10.0]),
-    "azimuth": torch.tensor([30.0]),
-    "camera_distances": torch.tensor([2.0]),
-}
-
 
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory):

@@ -32,6 +32,13 @@ SD: dict[str, Any] = dict(
 """``make_tiny_stable_diffusion`` keyword arguments (text embeddings ``[*, SD_TEXT_LEN, 32]``)."""
 SD_TEXT_LEN = 8
 
+#: one camera of threestudio's batch convention (degrees), for guidance calls
+CAMERA = {
+    "elevation": torch.tensor([10.0]),
+    "azimuth": torch.tensor([30.0]),
+    "camera_distances": torch.tensor([2.0]),
+}
+
 #: overrides that make the CPU shapes configs' runs small (16 px, 2 test views)
 SMALL_RENDERS = [
     "data.width=16",
