@@ -43,7 +43,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,11 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import interleaved_rounds, timed  # noqa: E402 - after the sys.path insert
+
 _SDS = {"estimator": "sds"}
 _SSD = {"estimator": "ssd", "mu_mode": "optimal"}
 ARMS: dict[str, dict[str, Any]] = {
@@ -278,19 +282,18 @@ def variance_split(score_model, rgb, label, s: Settings, seed: int) -> dict[str,
 
 def step_times(dists: dict[str, Any], rgb, label, render, reps: int) -> dict[str, float]:
     """Median wall time of one optimiser step (forward + backward on the image, batch 1) per arm,
-    all arms interleaved round by round (so they share the machine's load)."""
+    all arms interleaved round by round in a shuffled order after a warm-up round
+    (``benchmarks.harness.interleaved_rounds``), so they share the machine's load."""
     logits = torch.logit(rgb.clamp(1e-4, 1 - 1e-4))
-    times: dict[str, list[float]] = {name: [] for name in dists}
     g = torch.Generator().manual_seed(0)
-    for rep in range(reps + 1):
-        for name, dist in dists.items():
-            x = logits.clone().requires_grad_(True)
-            start = time.perf_counter()
-            out = dist(torch.sigmoid(x), label, render, generator=g, update_mu=False)
-            out.loss.backward()
-            if rep > 0:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
+
+    def step(dist) -> None:
+        x = logits.clone().requires_grad_(True)
+        dist(torch.sigmoid(x), label, render, generator=g, update_mu=False).loss.backward()
+
+    fns = {name: timed(lambda dist=dist: step(dist)) for name, dist in dists.items()}
+    per_round = interleaved_rounds(fns, rounds=reps, steps_per_round=1, seed=0)
+    return {name: statistics.median(r["step"] for r in rounds) for name, rounds in per_round.items()}
 
 
 def score_calls(dist) -> float:

@@ -9,7 +9,7 @@ Measures, side by side in one process, on one batch of 64 px images:
   a class-conditional diffusers ``UNet2DModel``) at 64 px with ``block_out_channels=(64, 128, 128)``
   and 2 layers per block (a reasonable CPU prior), and of the ``small`` preset;
 
-timed alternately (so both see the same machine load) and prints median times and ratios. SSD adds ``phi + grad`` to every guidance step, whose
+timed interleaved (so both see the same machine load) and prints median times and ratios. SSD adds ``phi + grad`` to every guidance step, whose
 cost is otherwise one (or, with classifier-free guidance, two batched) prior evaluations.
 
     python benchmarks/phi_cost.py --threads 1          # the shipped models/depth-shapes-64
@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import interleaved_rounds, timed  # noqa: E402 - after the sys.path insert
+
 
 def timed_alternately(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn (one warm-up call each)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for k in range(repeats + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if k:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds per call of each function, interleaved in a shuffled order per round after a
+    warm-up round (``benchmarks.harness.interleaved_rounds``)."""
+    per_round = interleaved_rounds({n: timed(fn) for n, fn in fns.items()}, rounds=repeats, steps_per_round=1, seed=0)
+    return {name: statistics.median(r["step"] for r in rounds) for name, rounds in per_round.items()}
 
 
 def main() -> None:
