@@ -19,6 +19,7 @@ memory, and grad phi's cosine and relative error to the reference on the same ``
 Usage::
 
     python benchmarks/phi_precision.py --device cuda --rounds 10      # SD 2.1 VAE, 512 px
+    python benchmarks/phi_precision.py --resolution 256 --rounds 1     # CPU (float16 is emulated: slow)
     python benchmarks/phi_precision.py --quick                        # tiny VAE, 64 px, CPU
 """
 
@@ -53,14 +54,14 @@ ARMS = ("fp16-scaled", "fp16-plain", "fp32-decoder")
 SCALING = 0.18215  # SD's latent scaling factor
 
 
-def build_vae(quick: bool, seed: int):
+def build_vae(quick: bool, seed: int, resolution: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     if quick:
         return AutoencoderKL(**tiny_sd_vae_config(64, (8, 16, 16, 16), 8)), 64
     bench = _cost_module()
-    return AutoencoderKL(**bench.SD21_VAE), 512
+    return AutoencoderKL(**bench.SD21_VAE), resolution
 
 
 def _cost_module():
@@ -104,13 +105,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny VAE at 64 px (CPU smoke test)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--resolution", type=int, default=512, help="image size (SD 2.1's VAE; not with --quick)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     device = args.device
-    vae, resolution = build_vae(args.quick, args.seed)
+    vae, resolution = build_vae(args.quick, args.seed, args.resolution)
     vae16 = vae.to(device=device, dtype=torch.float16).requires_grad_(False).eval()
     vae32 = copy.deepcopy(vae16).float()  # the same (rounded) weights in float32
     del vae
