@@ -69,7 +69,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,17 +83,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
-    GIB,
-    PhaseTimer,
-    interleaved_rounds,
-    machine,
-    markdown_table,
-    proc_status_kib,
-    reset_peak_rss,
-    synchronize,
-    timed,
-)
+from benchmarks import harness  # noqa: E402 - after the sys.path insert
 from threestudio_ssd.testing import tiny_sd_unet_config, tiny_sd_vae_config  # noqa: E402
 
 ARMS = ("sds", "ssd", "ssd-preview", "vsd", "sds-threestudio")
@@ -585,10 +574,10 @@ def fit_preview_decoder(score_model: Any, s: Settings) -> dict[str, Any]:
     time, ``R^2`` and fit set."""
     from threestudio_ssd.score_models.stable_diffusion import PREVIEW_FIT_IMAGES, PREVIEW_FIT_SEED
 
-    synchronize(s.device)
+    harness.synchronize(s.device)
     start = time.perf_counter()
     r2 = score_model.fit_preview()
-    synchronize(s.device)
+    harness.synchronize(s.device)
     return {
         "fit_s": time.perf_counter() - start,
         "r2": r2,
@@ -749,8 +738,8 @@ def time_interleaved(arms: list[Arm], s: Settings) -> dict[str, list[float]]:
     """Seconds per step of every arm over ``s.rounds`` rounds after ``s.warmup`` untimed ones; in
     each round every arm runs one step, in an order shuffled per round (seeded;
     ``benchmarks.harness.interleaved_rounds``)."""
-    per_round = interleaved_rounds(
-        {a.name: timed(a.step, s.device) for a in arms},
+    per_round = harness.interleaved_rounds(
+        {a.name: harness.timed(a.step, s.device) for a in arms},
         rounds=s.rounds,
         steps_per_round=1,
         seed=s.seed,
@@ -769,7 +758,7 @@ def breakdown_ssd(arm: Arm, inputs: Inputs, s: Settings) -> dict[str, float]:
     network + baseline) and ``phi_backward``, the exact gradient back through both), and
     ``encode_backward`` (the loss's backward to the render)."""
     dist = arm.distillation
-    timer = PhaseTimer(s.device)
+    timer = harness.PhaseTimer(s.device)
     dist.phase = timer.phase
     try:
         rgb = inputs.rgb.detach().clone().requires_grad_(True)
@@ -815,22 +804,22 @@ def probe_memory(name: str, s: Settings) -> dict[str, Any]:
     gc.collect()
     result: dict[str, Any] = {"arm": name, "steps": s.memory_steps}
     if cuda:
-        synchronize(s.device)
-        result["allocated_after_load_gib"] = torch.cuda.memory_allocated(s.device) / GIB
+        harness.synchronize(s.device)
+        result["allocated_after_load_gib"] = torch.cuda.memory_allocated(s.device) / harness.GIB
         torch.cuda.reset_peak_memory_stats(s.device)
     else:
-        result["rss_after_load_gib"] = proc_status_kib()["VmRSS"] * 1024 / GIB
-        result["hwm_reset"] = reset_peak_rss()
+        result["rss_after_load_gib"] = harness.proc_status_kib()["VmRSS"] * 1024 / harness.GIB
+        result["hwm_reset"] = harness.reset_peak_rss()
     for _ in range(s.memory_steps):
         arm.step()
-    synchronize(s.device)
+    harness.synchronize(s.device)
     if cuda:
-        result["allocated_after_steps_gib"] = torch.cuda.memory_allocated(s.device) / GIB
-        result["peak_allocated_steps_gib"] = torch.cuda.max_memory_allocated(s.device) / GIB
-        result["peak_reserved_steps_gib"] = torch.cuda.max_memory_reserved(s.device) / GIB
+        result["allocated_after_steps_gib"] = torch.cuda.memory_allocated(s.device) / harness.GIB
+        result["peak_allocated_steps_gib"] = torch.cuda.max_memory_allocated(s.device) / harness.GIB
+        result["peak_reserved_steps_gib"] = torch.cuda.max_memory_reserved(s.device) / harness.GIB
     else:
-        result["rss_after_steps_gib"] = proc_status_kib()["VmRSS"] * 1024 / GIB
-        result["peak_rss_steps_gib"] = proc_status_kib()["VmHWM"] * 1024 / GIB
+        result["rss_after_steps_gib"] = harness.proc_status_kib()["VmRSS"] * 1024 / harness.GIB
+        result["peak_rss_steps_gib"] = harness.proc_status_kib()["VmHWM"] * 1024 / harness.GIB
     return result
 
 
@@ -841,19 +830,14 @@ def run_memory_probes(arms: list[str], s: Settings, timeout: float) -> dict[str,
     for name in arms:
         _step(f"memory probe: {name} (fresh process)")
         cmd = [sys.executable, str(Path(__file__).resolve()), *to_argv(s), "--probe", name]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            out[name] = {"arm": name, "error": f"timed out after {timeout:.0f} s"}
-            continue
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-            out[name] = {"arm": name, "error": f"exit status {proc.returncode}: {tail[0]}"}
-            print(f"memory probe of {name!r} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        else:
-            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            out[name] = harness.json_from_subprocess(cmd, timeout, env=env)
+        except RuntimeError as err:
+            first, _, rest = str(err).partition("\n")
+            out[name] = {"arm": name, "error": first}
+            print(f"memory probe of {name!r} failed:\n{rest}", file=sys.stderr)
         out[name]["wall_s"] = time.perf_counter() - start
     return out
 
@@ -894,7 +878,7 @@ def build_all(
 
 def environment(s: Settings) -> dict[str, Any]:
     """Which machine and software produced the numbers (``benchmarks.harness.machine``)."""
-    return {**machine(s.device), "dtype": "float16" if s.fp16 else "float32"}
+    return {**harness.machine(s.device), "dtype": "float16" if s.fp16 else "float32"}
 
 
 def summarise(times: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1019,7 +1003,7 @@ def _run(s: Settings, out_dir: Path, tag: str) -> dict[str, Any]:
                 result["arms"][arm.name]["median_s"] - result["arms"]["sds"]["median_s"]
             )
     if not s.device.startswith("cuda"):
-        result["timing_process_peak_rss_gib"] = proc_status_kib()["VmHWM"] * 1024 / GIB
+        result["timing_process_peak_rss_gib"] = harness.proc_status_kib()["VmHWM"] * 1024 / harness.GIB
     write_outputs(result, out_dir, tag)  # the timings are safe before the (long) memory probes
     del arms, shared, inputs
     gc.collect()
@@ -1076,7 +1060,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         times = (f"{arm[k]:.3f}" for k in ("median_s", "min_s", "max_s"))
         rows.append([name, *times, f"{ratio:.2f}", f"{paired:.2f}", mem_text])
     header = ["arm", "median s/step", "min", "max", "x sds (medians)", "x sds (paired)"]
-    lines += markdown_table([*header, "peak memory GiB (resident after the step)"], rows)
+    lines += harness.markdown_table([*header, "peak memory GiB (resident after the step)"], rows)
     cross = [
         f"{k} {v:.2f} (paired {result['ratios'][k + '_paired_median']:.2f})"
         for k, v in result["ratios"].items()

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import platform
 import random
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -248,3 +250,21 @@ def write_report(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n" + KEEP_MARKER + (kept if kept else "\n"), encoding="utf-8")
     return path
+
+
+def json_from_subprocess(
+    command: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``command`` (a fresh process: what a memory probe needs) and return the JSON object its
+    last stdout line holds; raises :class:`RuntimeError` with the exit status and the end of its
+    stderr when it fails or times out."""
+    try:
+        proc = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"timed out after {timeout:.0f} s") from err
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        raise RuntimeError(f"exit status {proc.returncode}: {tail[0]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

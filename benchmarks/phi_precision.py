@@ -38,14 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
-    GIB,
-    interleaved_rounds,
-    machine,
-    peak_memory_during,
-    summarize_rounds,
-    timed,
-)
+from benchmarks import harness  # noqa: E402 - after the sys.path insert
 from threestudio_ssd.precision import call_in_precision  # noqa: E402
 from threestudio_ssd.testing import tiny_sd_vae_config  # noqa: E402
 
@@ -128,23 +121,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resolution": resolution,
         "command": "python benchmarks/phi_precision.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(device),
+        "machine": harness.machine(device),
         "decoder_weights_gib": {
-            "float16": sum(p.numel() * 2 for p in vae16.decoder.parameters()) / GIB,
-            "float32": sum(p.numel() * 4 for p in vae32.decoder.parameters()) / GIB,
+            "float16": sum(p.numel() * 2 for p in vae16.decoder.parameters()) / harness.GIB,
+            "float32": sum(p.numel() * 4 for p in vae32.decoder.parameters()) / harness.GIB,
         },
         "arms": {},
     }
     for name, decode in decodes.items():
-        peak, _ = peak_memory_during(lambda decode=decode: grad_phi(decode, x, w), device)
-        result["arms"][name] = {"peak_memory_gib": peak / GIB, **agreement(grad_phi(decode, x, w), reference)}
-    per_round = interleaved_rounds(
-        {name: timed(lambda d=d: grad_phi(d, x, w), device) for name, d in decodes.items()},
+        peak, _ = harness.peak_memory_during(lambda decode=decode: grad_phi(decode, x, w), device)
+        agree = agreement(grad_phi(decode, x, w), reference)
+        result["arms"][name] = {"peak_memory_gib": peak / harness.GIB, **agree}
+    per_round = harness.interleaved_rounds(
+        {name: harness.timed(lambda d=d: grad_phi(d, x, w), device) for name, d in decodes.items()},
         rounds=args.rounds,
         steps_per_round=1,
         seed=args.seed,
     )
-    for name, summary in summarize_rounds(per_round, "fp16-scaled").items():
+    for name, summary in harness.summarize_rounds(per_round, "fp16-scaled").items():
         result["arms"][name].update(
             step_s=summary["step_s"], ratio_to_fp16_scaled=summary["ratio_to_fp16-scaled"]
         )

@@ -41,7 +41,6 @@ SSM's double backprop through the UNet's self-attention needs PyTorch's *math* a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -50,7 +49,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -66,15 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without ``pip install -e``
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import (  # noqa: E402 - after the sys.path insert
-    interleaved_rounds,
-    machine,
-    markdown_table,
-    peak_memory_during,
-    release_memory,
-    summarize_rounds,
-    write_report,
-)
+from benchmarks import harness  # noqa: E402 - after the sys.path insert
 from lcss_prior.losses import METHODS as LOSS_METHODS  # noqa: E402
 
 METHODS = tuple(LOSS_METHODS)  # lcss_prior.losses' objectives, in its order (LCSS, DSM, SSM, FD-SSM)
@@ -201,7 +191,7 @@ def time_methods(
     progress: bool = True,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Interleaved timing (``interleaved_rounds``) of one optimiser step of the four methods on
+    """Interleaved timing (``harness.interleaved_rounds``) of one optimiser step of the four methods on
     ``cfg``, all with the same initial weights, batch and optimiser.
 
     Returns, per method: ``step_s`` (median seconds per step over rounds), ``phases_s`` (median per
@@ -210,7 +200,7 @@ def time_methods(
     ``profile``, the top operators of one profiled step per method."""
     x0, labels = _batch(cfg, seed)
     steppers = {m: Stepper(cfg, m, x0, labels, device) for m in METHODS}
-    per_round = interleaved_rounds(
+    per_round = harness.interleaved_rounds(
         {m: st.step for m, st in steppers.items()},
         rounds,
         steps_per_round,
@@ -224,9 +214,9 @@ def time_methods(
         "params": sum(p.numel() for p in steppers["dsm"].net.parameters()),
         "rounds": rounds,
         "steps_per_round": steps_per_round,
-        "methods": summarize_rounds(per_round, "dsm"),
+        "methods": harness.summarize_rounds(per_round, "dsm"),
     }
-    lcss_ssm = summarize_rounds({"lcss": per_round["lcss"], "ssm": per_round["ssm"]}, "ssm")["lcss"]
+    lcss_ssm = harness.summarize_rounds({"lcss": per_round["lcss"], "ssm": per_round["ssm"]}, "ssm")["lcss"]
     out["lcss_over_ssm"] = lcss_ssm["ratio_to_ssm"]
     out["lcss_over_ssm_iqr"] = lcss_ssm["ratio_to_ssm_iqr"]
     if profile:
@@ -278,13 +268,13 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
             stepper = Stepper(cfg, m, x0, labels, device)
             with sdpa_kernel([SDPBackend.MATH]):
                 stepper.step()  # warm-up: Adam state and the allocator's first touch
-                delta, base = peak_memory_during(
+                delta, base = harness.peak_memory_during(
                     lambda st=stepper: [st.step() for _ in range(int(spec["steps"]))], device
                 )
             key = m if i < len(order) else "repeat"
             res[key] = {"method": m, "peak_delta_mib": delta / MIB, "base_mib": base / MIB}
             del stepper
-            release_memory()
+            harness.release_memory()
         results[cfg.name] = res
     return results
 
@@ -309,17 +299,11 @@ def measure_memory(
         "methods": order,
     }
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
+    try:
+        results = harness.json_from_subprocess(command, timeout=3600, env=env)
+    except RuntimeError as err:
+        raise RuntimeError(f"memory probe failed ({err})") from err
     how = (
         "CUDA `max_memory_allocated` minus `memory_allocated` before the steps"
         if device.startswith("cuda")
@@ -339,21 +323,6 @@ def measure_memory(
 # --------------------------------------------------------------------------------------------------
 # part 2: quality after equal steps and equal wall time
 # --------------------------------------------------------------------------------------------------
-
-
-class Stages:
-    """Wall seconds spent per named stage (accumulated), to show where a run's time goes."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def time(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -529,17 +498,17 @@ def run_quality(
     device: str,
     shapes_cache: str | None,
     progress: bool = True,
-    stages: Stages | None = None,
+    stages: harness.PhaseTimer | None = None,
 ) -> dict[str, Any]:
     """Part 2 on one data set: train all methods, measure equal-steps and equal-wall-time priors."""
     from lcss_prior.metrics import train_feature_extractor
 
-    stages = stages or Stages()
+    stages = stages or harness.PhaseTimer()
     data = q.net.data
     work.mkdir(parents=True, exist_ok=True)
-    with stages.time(f"{data} data"):
+    with stages.phase(f"{data} data"):
         train_set, test_set, cache = _datasets(q, work, seed, shapes_cache)
-    with stages.time(f"{data} feature classifier"):
+    with stages.phase(f"{data} feature classifier"):
         extractor = train_feature_extractor(
             train_set,
             q.classifier_steps,
@@ -568,7 +537,7 @@ def run_quality(
     bar = tqdm(METHODS, desc=f"quality {q.net.data}", disable=not progress, leave=False)
     for m in bar:
         targets = sorted({q.steps, wall_steps[m]})
-        with stages.time(f"{data} training"):
+        with stages.phase(f"{data} training"):
             run = train_method(q, m, targets, work, train_set, cache, seed, accelerator)
         out["runs"][m] = run
         for key, k in (("equal_steps", q.steps), ("equal_wall_time", wall_steps[m])):
@@ -577,11 +546,11 @@ def run_quality(
             elif key == "equal_wall_time" and k == q.steps:
                 out[key][m] = out["equal_steps"][m]  # the same prior
             else:
-                with stages.time(f"{data} evaluation"):
+                with stages.phase(f"{data} evaluation"):
                     metrics = evaluate_prior_dir(run["priors"][k], test_set, extractor, q, seed, device)
                 out[key][m] = {"steps": k, **metrics}
     equal = {m: out["runs"][m]["priors"][q.steps] for m in METHODS if q.steps in out["runs"][m]["priors"]}
-    with stages.time(f"{data} sample grid"):
+    with stages.phase(f"{data} sample grid"):
         out["samples"] = sample_grid_rows(equal, q, seed, device)
     return out
 
@@ -823,7 +792,7 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
         iqr = t["lcss_over_ssm_iqr"]
         rows.append([name, "LCSS / SSM", None, f"{t['lcss_over_ssm']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}]", None, None, None])
     header = ["configuration", "method", "ms / step", "ratio to DSM", "loss / backward / optimizer ms"]
-    lines += markdown_table([*header, "peak step memory MiB", "memory / DSM"], rows, align="llrrrrr")
+    lines += harness.markdown_table([*header, "peak step memory MiB", "memory / DSM"], rows, align="llrrrrr")
     if any("repeat" in v for v in result["memory"].values()):
         lines += [
             "",
@@ -888,7 +857,7 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
                     ]
                 )
         header = ["budget", "method", "steps", "bits/dim", "FID", "KID", "sample accuracy", "worst caption"]
-        lines += markdown_table(header, rows, align="llrrrrrr")
+        lines += harness.markdown_table(header, rows, align="llrrrrrr")
         lines += [
             "",
             f"Stability (whole run to the larger of the two budgets; logged every {s['log_every']} steps):",
@@ -907,7 +876,7 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
         ]
         header = ["method", "diverged", "non-finite logged values", "final grad norm"]
         header += ["median grad norm, last 10%", "Lightning s / step (median)"]
-        lines += markdown_table(header, rows, align="llrrrr")
+        lines += harness.markdown_table(header, rows, align="llrrrr")
         lines += [
             "",
             f"![curves]({rel}/curves_{data}.png)",
@@ -920,8 +889,8 @@ def write_markdown(result: dict[str, Any], path: Path, out_dir: Path) -> Path:
         "",
     ]
     rows = [[t["target"], _f(t["value"]), t["verdict"], t["note"]] for t in result["targets"]]
-    lines += markdown_table(["target", "measured", "met", "note"], rows, align="lrll")
-    return write_report(path, "\n".join(lines) + "\n")
+    lines += harness.markdown_table(["target", "measured", "met", "note"], rows, align="lrll")
+    return harness.write_report(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1100,13 +1069,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/score_matching.py", *argv]),
-        "machine": machine(args.device),
+        "machine": harness.machine(args.device),
         "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
         "timing": {},
         "memory": {},
         "quality": {},
     }
-    stages = Stages()
+    stages = harness.PhaseTimer()
     result["stages_s"] = stages.seconds
     qualities = {d: quality_settings(args, d) for d in args.datasets}
     configs: dict[str, NetConfig] = {}
@@ -1118,7 +1087,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     with sdpa_kernel([SDPBackend.MATH]):
         for name, cfg in configs.items():
             print(f"[score_matching] timing {name}: {cfg.describe()}", flush=True)
-            with stages.time(f"timing {name}"):
+            with stages.phase(f"timing {name}"):
                 result["timing"][name] = time_methods(
                     cfg,
                     args.timing_rounds,
@@ -1129,7 +1098,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     profile=args.profile,
                 )
         print("[score_matching] peak memory (one fresh process)", flush=True)
-        with stages.time("memory"):
+        with stages.phase("memory"):
             result["memory"] = measure_memory(
                 list(configs.values()), args.device, args.threads, args.seed, args.memory_steps
             )

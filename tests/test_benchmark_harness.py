@@ -90,3 +90,18 @@ def test_markdown_table_and_a_report_that_keeps_the_reading(tmp_path):
     harness.write_report(path, "numbers v2\n")
     text = path.read_text()
     assert text.startswith("numbers v2\n") and text.count(harness.KEEP_MARKER) == 1 and text.endswith("My reading.\n")
+
+
+def test_json_from_a_fresh_process_and_its_failures_named():
+    import sys
+
+    command = [sys.executable, "-c", "print('noise'); print('{\"a\": 1}')"]
+    ok = harness.json_from_subprocess(command, timeout=60)
+    assert ok == {"a": 1}
+    with pytest.raises(RuntimeError, match="exit status 3: ValueError: bad probe"):
+        harness.json_from_subprocess(
+            [sys.executable, "-c", "import sys; print('ValueError: bad probe', file=sys.stderr); exit(3)"],
+            timeout=60,
+        )
+    with pytest.raises(RuntimeError, match="timed out after 1 s"):
+        harness.json_from_subprocess([sys.executable, "-c", "import time; time.sleep(5)"], timeout=1)
