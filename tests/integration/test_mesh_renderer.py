@@ -154,3 +154,22 @@ def test_mesh_stage_trains_with_the_depth_baseline(threestudio_root, tmp_path):
         values = [r.split(",")[header.index(key)] for r in rows[1:]]
         assert any(v and math.isfinite(float(v)) for v in values), (key, values)
     assert (trial / "ckpts" / "last.ckpt").is_file()
+
+
+def test_mesh_stage_continues_a_coarse_run(threestudio_root, tmp_path):
+    """The documented chain: a coarse NeRF run, then the CPU mesh stage converted from its
+    checkpoint (threestudio's geometry_convert_from; the sphere init is skipped)."""
+    prior = make_tiny_prior(tmp_path / "prior", **PRIOR)
+    dpt = make_tiny_depth_estimator(tmp_path / "dpt", **DPT)
+    common = [*SMALL_RENDERS, "trainer.max_steps=2", "trainer.val_check_interval=2", "use_timestamp=false"]
+    coarse = "custom/threestudio-ssd/configs/steindreamer-cpu-shapes.yaml"
+    run_python(launch_args(coarse, "--train", prior, dpt, *common, "tag=chain"), cwd=threestudio_root)
+    ckpt = threestudio_root / "outputs" / "steindreamer-cpu-shapes" / "chain" / "ckpts" / "last.ckpt"
+    convert = f"system.geometry_convert_from={ckpt}"
+    proc = run_python(
+        launch_args(CONFIG, "--train", prior, dpt, *common, convert, "tag=chain"), cwd=threestudio_root
+    )
+    assert "Initializing geometry from a given checkpoint" in proc.stdout + proc.stderr
+    assert (
+        threestudio_root / "outputs" / "steindreamer-cpu-shapes-mesh" / "chain" / "ckpts" / "last.ckpt"
+    ).is_file()
